@@ -1,0 +1,180 @@
+"""Uniform integer quantisation grids (the RTN quantiser shared by RTN and GPTQ).
+
+Conventions (the compressed-tensors ``pack-quantized`` convention, stated once here):
+
+* unsigned codes ``q ∈ [0, 2^b − 1]``, dequantised as ``scale · (q − zero)``;
+* symmetric: ``scale = 2·absmax / (2^b − 1)`` (absmax/7.5 at 4 bits) and ``zero = 2^(b−1)``,
+  so the stored signed code ``q − 2^(b−1)`` lies in ``[−2^(b−1), 2^(b−1) − 1]``;
+* asymmetric: ``scale = (max − min) / (2^b − 1)`` over a range that always contains 0 and
+  ``zero = round(−min / scale)``.
+
+Scales are rounded to their storage dtype *before* codes are computed, so what is stored
+dequantises to exactly what the algorithm optimised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight matrix is quantised.
+
+    Args:
+        bits: code width (2, 3, 4 or 8).
+        group_size: input columns per scale; None means one scale per output channel.
+        symmetric: symmetric (zero fixed at the midpoint) or asymmetric (zero per group).
+        mse: search a shrunk clipping range per row that minimises the L2.4 error.
+        scale_dtype: dtype the scales are stored in.
+    """
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+    mse: bool = False
+    scale_dtype: torch.dtype = torch.float32
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def n_groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size is None else self.group_size
+
+
+@dataclass
+class Grid:
+    """Per-row quantisation grid: ``scale`` and unsigned ``zero``, both ``[rows]`` float32."""
+
+    scale: Tensor
+    zero: Tensor
+
+
+def _minmax_grid(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> Grid:
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if spec.symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmax = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
+        scale = 2 * xmax / spec.maxq
+        scale = scale.to(spec.scale_dtype).to(torch.float32)
+        zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
+        return Grid(scale, zero)
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both0, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(both0, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / spec.maxq).to(spec.scale_dtype).to(torch.float32)
+    zero = torch.clamp(torch.round(-xmin / scale), 0, spec.maxq)
+    return Grid(scale, zero)
+
+
+def find_grid(w: Tensor, spec: QuantSpec, grid_points: int = 100, max_shrink: float = 0.8) -> Grid:
+    """Grid for every row of ``w`` ([rows, cols]) from its min/max (optionally MSE-shrunk)."""
+    w = w.float()
+    xmin, xmax = w.min(dim=1).values, w.max(dim=1).values
+    grid = _minmax_grid(xmin, xmax, spec)
+    if not spec.mse:
+        return grid
+    best = torch.full_like(xmin, float("inf"))
+    for i in range(int(max_shrink * grid_points)):
+        p = 1 - i / grid_points
+        cand = _minmax_grid(p * xmin, p * xmax, spec)
+        err = (fake_quant(w, cand, spec.maxq) - w).abs().pow(2.4).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        grid.scale = torch.where(better, cand.scale, grid.scale)
+        grid.zero = torch.where(better, cand.zero, grid.zero)
+    return grid
+
+
+def quantize_codes(w: Tensor, grid: Grid, maxq: int) -> Tensor:
+    """Unsigned integer codes (as float) of ``w`` on ``grid`` (broadcast along the last dim)."""
+    scale, zero = grid.scale.unsqueeze(-1), grid.zero.unsqueeze(-1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize_codes(q: Tensor, grid: Grid) -> Tensor:
+    return grid.scale.unsqueeze(-1) * (q - grid.zero.unsqueeze(-1))
+
+
+def fake_quant(w: Tensor, grid: Grid, maxq: int) -> Tensor:
+    """Quantise then dequantise ``w`` on ``grid``."""
+    return dequantize_codes(quantize_codes(w, grid, maxq), grid)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantised matrix in the neutral internal schema (converted to a format at export).
+
+    ``codes`` are signed int8 ``[out, in]`` (unsigned code − 2^(b−1)); ``scale`` is
+    ``[out, n_groups]`` in the storage dtype; ``zero`` is signed int8 ``[out, n_groups]`` or
+    None for symmetric weights; ``perm`` is the act-order permutation used during GPTQ
+    (informational: grids are static so no ``g_idx`` is needed at inference).
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    spec: QuantSpec
+    perm: Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        out_f, in_f = self.codes.shape
+        gidx = torch.arange(in_f) // self.spec.group_width(in_f)  # (in,)
+        q = self.codes.float()
+        if self.zero is not None:
+            q = q - self.zero.float()[:, gidx]
+        return (q * self.scale.float()[:, gidx]).to(dtype)
+
+
+def rtn_quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantisation of ``w`` ([out, in]) with per-group grids."""
+    out_f, in_f = w.shape
+    gw = spec.group_width(in_f)
+    offset = 1 << (spec.bits - 1)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8)
+    scales, zeros = [], []
+    full = (in_f // gw) * gw
+    if full:
+        blocks = w[:, :full].float().reshape(out_f * (full // gw), gw)  # (out*G, g): one row per group
+        grid = find_grid(blocks, spec)
+        q = quantize_codes(blocks, grid, spec.maxq) - offset
+        codes[:, :full] = q.reshape(out_f, full).to(torch.int8)
+        scales += list(grid.scale.reshape(out_f, -1).unbind(1))
+        zeros += list(grid.zero.reshape(out_f, -1).unbind(1))
+    if full < in_f:  # ragged last group
+        block = w[:, full:].float()
+        grid = find_grid(block, spec)
+        codes[:, full:] = (quantize_codes(block, grid, spec.maxq) - offset).to(torch.int8)
+        scales.append(grid.scale)
+        zeros.append(grid.zero)
+    return pack_grids(codes, scales, zeros, spec)
+
+
+def pack_grids(codes: Tensor, scales: list[Tensor], zeros: list[Tensor], spec: QuantSpec,
+               perm: Tensor | None = None) -> QuantizedWeight:
+    """Assemble per-group grids (lists of ``[out]`` tensors) into a :class:`QuantizedWeight`."""
+    scale = torch.stack(scales, dim=1).to(spec.scale_dtype)  # (out, G)
+    zero = None
+    if not spec.symmetric:
+        zero = (torch.stack(zeros, dim=1) - (1 << (spec.bits - 1))).to(torch.int8)  # (out, G)
+    return QuantizedWeight(codes, scale, zero, spec, perm)
+
+
+def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Split a row-stacked quantised matrix (fused siblings) back into its members."""
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        zero = None if qw.zero is None else qw.zero[sl]
+        out.append(QuantizedWeight(qw.codes[sl], qw.scale[sl], zero, qw.spec, qw.perm))
+        start += n
+    return out

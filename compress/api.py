@@ -1,0 +1,54 @@
+"""The public library API: ``load`` and ``run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.arch import get_adapter
+from compress.assets import resolve_model
+from compress.checkpoint import CheckpointReader
+from compress.errors import CompressError
+from compress.model import build_skeleton, materialize, reader_manifest, tie_head
+from compress.recipe import Recipe, load_recipe, parse_recipe
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild any compress output (any chain of passes) or plain checkpoint as a model.
+
+    Compressed modules are swapped for their runtime modules (QuantLinear, ...), which serve
+    through the shared kernels. The manifest is attached as ``model.compress_manifest``.
+
+    Example:
+        >>> model = compress.load("out/smollm2-w4")
+        >>> model(input_ids).logits
+    """
+    reader = CheckpointReader(resolve_model(str(path)))
+    adapter = get_adapter(reader.config)
+    manifest = reader_manifest(reader)
+    model = build_skeleton(reader, adapter, manifest)
+    tie_head(model, adapter, reader)  # the head's absent key is then skipped as a duplicate
+    materialize(model, "", reader)
+    tie_head(model, adapter, reader)  # re-point the head at the now-real embedding
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise CompressError(f"{reader.path} lacks tensors for {left[:3]}",
+                            "the checkpoint is incomplete or does not match config.json")
+    model.compress_manifest = manifest  # type: ignore[assignment]
+    model.compress_adapter = adapter  # type: ignore[assignment]
+    return model.to(device).eval()
+
+
+def run(recipe: str | Path | dict[str, Any] | Recipe, model: str | Path, out: str | Path, *,
+        overwrite: bool = False) -> Path:
+    """Apply a recipe (path to YAML, dict or :class:`Recipe`) to ``model``; returns ``out``."""
+    from compress.runner import run_recipe
+
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(recipe)
+    return run_recipe(recipe, resolve_model(str(model)), Path(out), overwrite=overwrite)

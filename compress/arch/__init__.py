@@ -1,0 +1,110 @@
+"""Architecture adapters written as data.
+
+An adapter tells the pipeline where the decoder (or encoder) layers live, which linears each
+layer holds, which of them read the same input (fused siblings that must share a format and
+share one Hessian), and where the embeddings, norms and head are. Adding an architecture
+means adding one :class:`Adapter` literal to :data:`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things are in one model family (all paths are dotted module paths).
+
+    Args:
+        name: adapter name shown in messages.
+        model_types: the ``config.model_type`` values it covers.
+        auto_class: ``transformers`` auto class that builds the model from its config.
+        layers: path of the ``ModuleList`` of blocks.
+        embeddings: modules that run before the first block.
+        final_norm: norm after the last block (None for post-norm encoders).
+        head: output projection tied or untied to the token embedding (None for encoders).
+        groups: per-block linears in execution order; each inner tuple reads one input.
+        attn_norm / mlp_norm: the norms in front of attention and MLP (pre-norm models), or
+            behind them (post-norm models).
+        norm_kind: "rms" or "layer".
+        pre_norm: True when each block normalises its input (needed for rotation invariance).
+        causal: decoder (causal attention) or encoder.
+        token_embedding: the token embedding module (tied to ``head`` when the config says so).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    auto_class: str
+    layers: str
+    embeddings: tuple[str, ...]
+    final_norm: str | None
+    head: str | None
+    groups: tuple[tuple[str, ...], ...]
+    attn_norm: str
+    mlp_norm: str
+    norm_kind: Literal["rms", "layer"]
+    pre_norm: bool
+    causal: bool
+    token_embedding: str
+    roles: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every linear of a block, in execution order."""
+        return tuple(n for g in self.groups for n in g)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layers}.{i}."
+
+    def role(self, role: str) -> str:
+        """Relative path of a named role (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``)."""
+        return self.roles[role]
+
+
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_LLAMA_ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                "down": "mlp.down_proj", "attn": "self_attn", "mlp": "mlp"}
+
+LLAMA = Adapter(
+    name="llama", model_types=("llama", "mistral", "qwen2"),
+    auto_class="AutoModelForCausalLM", layers="model.layers",
+    embeddings=("model.embed_tokens", "model.rotary_emb"), final_norm="model.norm", head="lm_head",
+    groups=_LLAMA_GROUPS, attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+    norm_kind="rms", pre_norm=True, causal=True, token_embedding="model.embed_tokens",
+    roles=_LLAMA_ROLES,
+)
+
+BERT = Adapter(
+    name="bert", model_types=("bert",), auto_class="AutoModel", layers="encoder.layer",
+    embeddings=("embeddings",), final_norm=None, head=None,
+    groups=(("attention.self.query", "attention.self.key", "attention.self.value"),
+            ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)),
+    attn_norm="attention.output.LayerNorm", mlp_norm="output.LayerNorm",
+    norm_kind="layer", pre_norm=False, causal=False, token_embedding="embeddings.word_embeddings",
+    roles={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+           "o": "attention.output.dense", "up": "intermediate.dense", "down": "output.dense",
+           "attn": "attention", "mlp": "intermediate"},
+)
+
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, BERT)
+
+
+def get_adapter(config: dict) -> Adapter:
+    """The adapter for a raw ``config.json`` dict, or a one-line error naming what to add."""
+    model_type = config.get("model_type")
+    for a in ADAPTERS:
+        if model_type in a.model_types:
+            return a
+    known = ", ".join(t for a in ADAPTERS for t in a.model_types)
+    raise CompressError(
+        f"unsupported model_type {model_type!r} (supported: {known})",
+        f"add an Adapter for {model_type!r} to compress/arch/__init__.py")

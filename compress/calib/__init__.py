@@ -1,0 +1,1 @@
+"""Calibration: corpora → token windows per named protocol, Hessians, the layer-streaming pipeline."""

@@ -1,0 +1,36 @@
+"""Second-moment accumulators for layer inputs.
+
+``H = Σ xᵢ xᵢᵀ`` over every token row. Each batch's product is formed in float32 (a batch is
+at most a few thousand rows, well inside float32's range) and added to an accumulator in
+``dtype`` (float64 by default, where conditioning matters for Cholesky / eigh).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from compress.errors import NumericsError
+
+
+class GramAccumulator:
+    """Running ``XᵀX`` (and row count) of a stream of ``[..., dim]`` activations."""
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float64) -> None:
+        self.sum = torch.zeros(dim, dim, dtype=dtype)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (rows, dim)
+        self.sum += (x2.T @ x2).to(self.sum.dtype)
+        self.count += x2.shape[0]
+
+    def mean(self) -> Tensor:
+        """``XᵀX / n`` in the accumulator dtype; NaN/Inf is a loud error."""
+        if self.count == 0:
+            raise NumericsError("no calibration rows reached this layer", "check the calibration data")
+        out = self.sum / self.count
+        if not torch.isfinite(out).all():
+            raise NumericsError("calibration statistics contain NaN/Inf",
+                                "the model overflows on the calibration data; try float32 weights")
+        return out

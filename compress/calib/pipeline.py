@@ -1,0 +1,156 @@
+"""The sequential (layer-streaming) pipeline's per-layer machinery.
+
+The calibration activations of the current block live in :class:`CalibState` (one tensor per
+batch plus the keyword arguments the block is called with). A pass sees one block at a time
+through :class:`LayerContext`: it can run the batches through the block with input hooks
+(``collect`` accumulates Gram matrices of the inputs of named linears, stopping the forward as
+soon as the last needed input has been seen), swap modules, and finally ``propagate`` replaces
+the activations with the (compressed) block's outputs for the next block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from compress.arch import Adapter
+from compress.calib.hessian import GramAccumulator
+from compress.model import get_module, set_module
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once everything a pass needs from this forward has been seen."""
+
+
+@dataclass
+class CalibState:
+    """Calibration activations entering the current block, one entry per batch."""
+
+    hidden: list[Tensor]
+    kwargs: list[dict]
+    rows: int = 0
+
+    def batches(self) -> range:
+        return range(len(self.hidden))
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs and stops the model's forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen: list[tuple[Tensor, dict]] = []
+
+    def forward(self, hidden: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
+        if args:
+            raise RuntimeError("block called with positional extras; extend the adapter")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        self.seen.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+
+def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor,
+                         batch_size: int) -> CalibState:
+    """Run the embeddings on every calibration batch and catch what block 0 receives."""
+    layers = get_module(model, adapter.layers)
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                try:
+                    model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        layers[0] = catcher.inner
+    hidden = [h for h, _ in catcher.seen]
+    return CalibState(hidden, [k for _, k in catcher.seen], rows=int(windows.numel()))
+
+
+def block_output(out: object) -> Tensor:
+    """The hidden states a block returns (a tensor or the first item of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
+
+
+@dataclass
+class LayerContext:
+    """One block of the model during a pass.
+
+    Args:
+        index: block index; prefix: its checkpoint prefix (``model.layers.3.``).
+        layer: the materialised block; adapter: where its linears are.
+        state: calibration activations entering the block (None for data-free passes).
+        hessian_dtype: accumulator dtype for Gram matrices.
+    """
+
+    index: int
+    prefix: str
+    layer: nn.Module
+    adapter: Adapter
+    state: CalibState | None
+    hessian_dtype: torch.dtype = torch.float64
+    info: dict = field(default_factory=dict)
+
+    def module(self, rel: str) -> nn.Module:
+        return get_module(self.layer, rel)
+
+    def replace(self, rel: str, new: nn.Module) -> None:
+        set_module(self.layer, rel, new)
+
+    def run(self, pre_hooks: dict[str, Callable[[Tensor], None]],
+            stop_at: str | None = None) -> None:
+        """Forward every batch with input hooks; stop each forward after ``stop_at``'s hook."""
+        if self.state is None:
+            raise RuntimeError("this pass declared needs_calibration=False but ran the block")
+        handles = []
+        for rel, fn in pre_hooks.items():
+            handles.append(self.module(rel).register_forward_pre_hook(
+                _make_hook(fn, stop=(rel == stop_at))))
+        try:
+            with torch.no_grad():
+                for b in self.state.batches():
+                    try:
+                        self.layer(self.state.hidden[b], **self.state.kwargs[b])
+                    except _StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    def collect(self, names: Sequence[str]) -> dict[str, Tensor]:
+        """Mean ``XᵀX`` of the inputs of the linears ``names`` (relative paths), one forward."""
+        accs = {n: GramAccumulator(_in_features(self.module(n)), self.hessian_dtype) for n in names}
+        order = [n for n in self.adapter.linears if n in accs] or list(names)
+        self.run({n: accs[n].add for n in names}, stop_at=order[-1])
+        return {n: a.mean() for n, a in accs.items()}
+
+    def propagate(self) -> None:
+        """Replace the activations with this (now compressed) block's outputs."""
+        if self.state is None:
+            return
+        with torch.no_grad():
+            for b in self.state.batches():
+                out = self.layer(self.state.hidden[b], **self.state.kwargs[b])
+                self.state.hidden[b] = block_output(out)
+
+
+def _make_hook(fn: Callable[[Tensor], None], stop: bool):
+    def hook(_mod: nn.Module, args: tuple) -> None:
+        fn(args[0])
+        if stop:
+            raise _StopForward
+
+    return hook
+
+
+def _in_features(mod: nn.Module) -> int:
+    for attr in ("in_features", "in_dim"):
+        if hasattr(mod, attr):
+            return int(getattr(mod, attr))
+    raise TypeError(f"cannot tell the input width of {type(mod).__name__}")

@@ -1,0 +1,85 @@
+"""Named evaluation/calibration protocols (see PROTOCOL.md).
+
+``brown-512``: line i of the corpus is *test* when ``i % 10 == 0``, else *calibration*.
+Calibration draws 128 windows of 512 tokens at offsets drawn uniformly from the tokenised
+calibration split with ``torch.Generator().manual_seed(0)``. Evaluation tokenises the
+``"\\n"``-joined test lines once and takes the first 40 non-overlapping 512-token windows.
+Smaller variants carry ``-smoke`` in their name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.errors import CompressError
+
+
+class Protocol(BaseModel):
+    """A calibration + evaluation protocol."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    seq_len: int = Field(512, ge=8, le=131072)
+    n_calib: int = Field(128, ge=1, le=100000)
+    n_eval: int = Field(40, ge=1, le=100000)
+    seed: int = 0
+    test_every: int = Field(10, ge=2)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "brown-512": Protocol(name="brown-512"),
+    "brown-512-smoke": Protocol(name="brown-512-smoke", n_calib=16, n_eval=8),
+    "brown-128-smoke": Protocol(name="brown-128-smoke", seq_len=128, n_calib=8, n_eval=4),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise CompressError(f"unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})",
+                            "pick one of the named protocols")
+    return PROTOCOLS[name]
+
+
+def split_lines(lines: list[str], protocol: Protocol) -> tuple[list[str], list[str]]:
+    """(calibration lines, test lines) by line index."""
+    calib = [s for i, s in enumerate(lines) if i % protocol.test_every != 0]
+    test = [s for i, s in enumerate(lines) if i % protocol.test_every == 0]
+    return calib, test
+
+
+def tokenize_joined(tokenizer, lines: list[str]) -> torch.Tensor:
+    """Token ids of ``"\\n".join(lines)`` as one 1-D int64 tensor (default special tokens)."""
+    ids = tokenizer("\n".join(lines), return_tensors="pt", verbose=False)["input_ids"][0]
+    return ids.to(torch.int64)
+
+
+def calibration_windows(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+    """``[n_calib, seq_len]`` windows at uniformly drawn offsets of the calibration tokens."""
+    n, L = ids.numel(), protocol.seq_len
+    if n < L:
+        raise CompressError(f"calibration text has {n} tokens, fewer than one {L}-token window",
+                            "use a longer corpus or a smaller --seq-len")
+    g = torch.Generator().manual_seed(protocol.seed)
+    starts = torch.randint(0, n - L + 1, (protocol.n_calib,), generator=g)
+    return torch.stack([ids[s:s + L] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+    """The first ``n_eval`` non-overlapping windows (fewer if the text is short, at least one)."""
+    L = protocol.seq_len
+    n = min(protocol.n_eval, ids.numel() // L)
+    if n < 1:
+        raise CompressError(f"evaluation text has {ids.numel()} tokens, fewer than one {L}-token window",
+                            "use a longer corpus or a smaller --seq-len")
+    return ids[: n * L].view(n, L)  # (n_windows, seq_len)
+
+
+def fingerprint(windows: torch.Tensor, protocol: Protocol, source: str) -> str:
+    """sha256 of the exact token windows plus the protocol and data source names."""
+    h = hashlib.sha256(windows.to(torch.int64).numpy().tobytes())
+    h.update(f"{protocol.model_dump_json()}|{source}".encode())
+    return h.hexdigest()

@@ -1,0 +1,190 @@
+"""Sharded, atomic checkpoint writes with bounded memory.
+
+Tensors are appended to a raw data file as soon as they are produced (one layer at a time),
+so memory never holds more than the tensor being written. When a shard reaches its size
+budget, its safetensors header is written and the data streamed behind it. Everything goes
+into ``OUT.partial/``; only :meth:`CheckpointWriter.commit` renames it to ``OUT``. Any
+exception (or Ctrl-C) inside the ``with`` block deletes the partial directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from compress.errors import CompressError
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def prepare_output(out: str | Path, inputs: list[Path], overwrite: bool) -> Path:
+    """Validate an output path before any work starts (never into an input, never clobber)."""
+    out = Path(out).resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or src in out.parents:
+            raise CompressError(f"output {out} is the input or inside it ({src})",
+                                "choose an output directory outside the input checkpoint")
+        if overwrite and out in src.parents:
+            raise CompressError(f"--overwrite would delete the input {src} (it is inside {out})",
+                                "choose another output directory")
+    if out.exists() and not overwrite:
+        raise CompressError(f"output {out} already exists", "pass --overwrite or choose another path")
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"output {out} exists and is not a directory", "choose another path")
+    return out
+
+
+class _Shard:
+    """One shard being written: a raw data file plus the header entries for it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data_path = path.with_suffix(".data")
+        self.fh = self.data_path.open("wb")
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self.entries[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + len(raw)]}
+        self.fh.write(raw)
+        self.nbytes += len(raw)
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        self.fh.close()
+        header = dict(self.entries)
+        header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
+        with self.path.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(data, out, 1 << 24)
+            out.flush()
+            os.fsync(out.fileno())
+        self.data_path.unlink()
+
+
+class CheckpointWriter:
+    """Write a checkpoint directory atomically.
+
+    Args:
+        out: final output directory (validated with :func:`prepare_output` first).
+        overwrite: replace an existing ``out`` at commit time.
+        shard_bytes: size budget of one safetensors shard.
+        metadata: str→str entries stored in every shard header (provenance).
+    """
+
+    def __init__(self, out: str | Path, overwrite: bool = False,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.shard_bytes = shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self._shards: list[_Shard] = []
+        self._names: set[str] = set()
+        self._committed = False
+
+    def __enter__(self) -> CheckpointWriter:
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if not self._committed:
+            self.abort()
+
+    # -- tensors ----------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor to the current shard (opening a new shard when it is full)."""
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        self._names.add(name)
+        if not self._shards or self._shards[-1].nbytes >= self.shard_bytes:
+            self._shards.append(_Shard(self.partial / f"shard-{len(self._shards):05d}.safetensors"))
+        self._shards[-1].add(name, tensor)
+
+    def add_many(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+        for k, v in tensors.items():
+            self.add(prefix + k, v)
+
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    # -- side files ---------------------------------------------------------------------
+    def write_json(self, name: str, obj: object) -> None:
+        (self.partial / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.partial / name).write_text(text)
+
+    def copy_file(self, src: Path, name: str | None = None) -> None:
+        shutil.copyfile(src, self.partial / (name or src.name))
+
+    @property
+    def directory(self) -> Path:
+        """Where side files go before commit (``OUT.partial``)."""
+        return self.partial
+
+    # -- finish -----------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Finish every shard, write the index, fsync and rename ``OUT.partial`` → ``OUT``."""
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            shard.finish(self.metadata)
+            shard.path.rename(self.partial / final)
+            weight_map.update({k: final for k in shard.entries})
+        if n > 1:
+            total = sum(s.nbytes for s in self._shards)
+            self.write_json("model.safetensors.index.json",
+                            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        _fsync_dir(self.partial)
+        if self.out.exists():
+            if not self.overwrite:
+                raise CompressError(f"output {self.out} appeared while running", "pass --overwrite")
+            trash = self.out.with_name(self.out.name + ".old")
+            if trash.exists():
+                shutil.rmtree(trash)
+            self.out.rename(trash)
+            self.partial.rename(self.out)
+            shutil.rmtree(trash)
+        else:
+            self.partial.rename(self.out)
+        _fsync_dir(self.out.parent)
+        self._committed = True
+        return self.out
+
+    def abort(self) -> None:
+        for s in self._shards:
+            if not s.fh.closed:
+                s.fh.close()
+        if self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,129 @@
+"""Evaluation under a named protocol: token perplexity plus fidelity to the dense model.
+
+Perplexity is *token* perplexity: ``exp(total next-token NLL / predicted tokens)`` over the
+protocol's evaluation windows (each window predicts its last ``seq_len − 1`` tokens).
+Fidelity is the mean per-token ``KL(dense ‖ compressed)`` and top-1 next-token agreement on
+the same windows. Size is bytes of the safetensors on disk and the effective bits per
+parameter of the compressed linears (everything they store, scales included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress.calib.corpus import load_corpus
+from compress.calib.protocol import eval_windows, get_protocol, split_lines, tokenize_joined
+from compress.checkpoint import CheckpointReader
+
+
+@dataclass
+class EvalResult:
+    """One evaluation (every figure names its protocol)."""
+
+    protocol: str
+    model: str
+    ppl: float
+    dense_ppl: float | None
+    kl_mean: float | None
+    top1_agreement: float | None
+    bytes_on_disk: int
+    dense_bytes_on_disk: int | None
+    effective_bits: float | None
+    compressed_params: int
+    eval_tokens: int
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def eval_token_windows(model_dir: Path, protocol: str, data: str | None) -> Tensor:
+    from transformers import AutoTokenizer
+
+    proto = get_protocol(protocol)
+    lines, _ = load_corpus(data)
+    _, test = split_lines(lines, proto)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return eval_windows(tokenize_joined(tok, test), proto)
+
+
+@torch.no_grad()
+def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None) -> dict[str, float]:
+    """NLL sum, token count and (with ``dense``) KL sum and top-1 matches over the windows."""
+    nll, n, kl, agree = 0.0, 0, 0.0, 0
+    for w in windows:
+        ids = w.unsqueeze(0)  # (1, seq)
+        logits = model(input_ids=ids).logits[0, :-1].float()  # (seq-1, vocab)
+        nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        n += logits.shape[0]
+        if dense is not None:
+            ref = dense(input_ids=ids).logits[0, :-1].float()
+            lp, lq = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
+            kl += float((lp.exp() * (lp - lq)).sum())
+            agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+    out = {"nll": nll, "tokens": n}
+    if dense is not None:
+        out.update({"kl": kl, "agree": agree})
+    return out
+
+
+def compressed_size(reader: CheckpointReader, manifest: dict) -> tuple[float | None, int]:
+    """(effective bits per original parameter of the compressed linears, their parameter count)."""
+    bits, params = 0, 0
+    mods = manifest.get("modules", {})
+    tops = [n for n in mods if not any(n.startswith(o + ".") for o in mods)]  # outermost only
+    for name in tops:
+        entry = mods[name]
+        if "in_features" not in entry:
+            continue
+        params += int(entry["in_features"]) * int(entry["out_features"])
+        for key in reader.keys():
+            if key.startswith(name + ".") and not key.endswith(".bias"):
+                info = reader._info(key)
+                bits += 8 * _nbytes(info)
+    return (bits / params if params else None), params
+
+
+def _nbytes(info: dict) -> int:
+    from compress.checkpoint.reader import _ST_DTYPE_BYTES, _numel
+
+    return _ST_DTYPE_BYTES.get(info["dtype"], 1) * _numel(info["shape"])
+
+
+def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
+             protocol: str = "brown-512", data: str | None = None) -> EvalResult:
+    """Evaluate ``model_dir`` (and optionally the dense model ``against``) under ``protocol``."""
+    from compress.api import load
+    from compress.assets import resolve_model
+
+    t0 = time.perf_counter()
+    model_dir = resolve_model(str(model_dir))
+    reader = CheckpointReader(model_dir)
+    manifest = reader.manifest() or {}
+    if against is None and manifest.get("origin") and Path(manifest["origin"]).is_dir():
+        against = manifest["origin"]
+    windows = eval_token_windows(model_dir, protocol, data)
+    model = load(model_dir)
+    dense = load(resolve_model(str(against))) if against is not None else None
+    s = score(model, windows, dense)
+    dense_ppl, dense_bytes = None, None
+    if dense is not None:
+        s_d = score(dense, windows)
+        dense_ppl = math.exp(s_d["nll"] / s_d["tokens"])
+        dense_bytes = CheckpointReader(resolve_model(str(against))).total_bytes()
+    bits, params = compressed_size(reader, manifest)
+    return EvalResult(
+        protocol=protocol, model=str(model_dir), ppl=math.exp(s["nll"] / s["tokens"]),
+        dense_ppl=dense_ppl, kl_mean=s["kl"] / s["tokens"] if dense else None,
+        top1_agreement=s["agree"] / s["tokens"] if dense else None,
+        bytes_on_disk=reader.total_bytes(), dense_bytes_on_disk=dense_bytes,
+        effective_bits=bits, compressed_params=params, eval_tokens=int(s["tokens"]),
+        seconds=time.perf_counter() - t0)

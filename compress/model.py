@@ -1,0 +1,188 @@
+"""Model skeletons on the meta device, filled one module at a time from a checkpoint.
+
+``build_skeleton`` creates the ``transformers`` model from ``config.json`` with every parameter
+on the meta device (buffers such as RoPE frequencies stay real), then applies the manifest:
+model-level transforms (e.g. sliced widths) and per-module representations (QuantLinear, ...).
+``materialize`` loads exactly the tensors under one module; ``release`` sends them back to
+meta. The pipeline and ``compress.load`` are both built on these three functions.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+
+from compress.arch import Adapter, get_adapter
+from compress.checkpoint import CheckpointReader
+from compress.errors import CompressError, NumericsError
+from compress.modules.kinds import MODEL_TRANSFORMS, build_module
+
+
+def load_config(reader: CheckpointReader) -> transformers.PretrainedConfig:
+    """The ``transformers`` config, without any ``quantization_config`` (we rebuild those modules)."""
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(reader.path)
+    except (ValueError, KeyError) as e:
+        raise CompressError(f"{reader.path}/config.json cannot be read by transformers ({e})",
+                            "fix config.json (model_type, sizes)") from None
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    return cfg
+
+
+def config_dtype(cfg: transformers.PretrainedConfig) -> torch.dtype:
+    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def build_skeleton(reader: CheckpointReader, adapter: Adapter | None = None,
+                   manifest: dict | None = None) -> nn.Module:
+    """The model with parameters on meta and compressed modules already swapped in."""
+    adapter = adapter or get_adapter(reader.config)
+    cfg = load_config(reader)
+    auto = getattr(transformers, adapter.auto_class)
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = auto.from_config(cfg, attn_implementation="sdpa", dtype=config_dtype(cfg))
+    model.eval()
+    manifest = manifest if manifest is not None else reader_manifest(reader)
+    apply_manifest(model, manifest, adapter)
+    return model
+
+
+def reader_manifest(reader: CheckpointReader) -> dict:
+    """Our ``compression.json``, or one derived from a foreign compressed-tensors config."""
+    own = reader.manifest()
+    if own is not None:
+        return own
+    qc = reader.config.get("quantization_config")
+    if qc and qc.get("quant_method") == "compressed-tensors":
+        return {"modules": {}, "transforms": [], "compressed_tensors": qc}
+    return {"modules": {}, "transforms": []}
+
+
+def apply_manifest(model: nn.Module, manifest: dict, adapter: Adapter) -> None:
+    """Apply model-level transforms, then swap every listed module for its representation."""
+    for t in manifest.get("transforms", []):
+        if t.get("kind") not in MODEL_TRANSFORMS:
+            raise CompressError(f"unknown model transform {t.get('kind')!r} in compression.json",
+                                "upgrade compress to a version that knows it")
+        MODEL_TRANSFORMS[t["kind"]](model, t, adapter)
+    modules = dict(manifest.get("modules", {}))
+    if "compressed_tensors" in manifest:
+        modules.update(compressed_tensors_modules(model, manifest["compressed_tensors"]))
+    for name, entry in modules.items():
+        set_module(model, name, build_module(get_module(model, name), entry))
+
+
+def compressed_tensors_modules(model: nn.Module, qc: dict) -> dict[str, dict]:
+    """Manifest entries for a compressed-tensors ``pack-quantized`` checkpoint made elsewhere."""
+    if qc.get("format") != "pack-quantized":
+        raise CompressError(f"compressed-tensors format {qc.get('format')!r} is not supported",
+                            "only pack-quantized checkpoints can be loaded")
+    ignore = qc.get("ignore") or []
+    out: dict[str, dict] = {}
+    for group in qc.get("config_groups", {}).values():
+        w = group.get("weights") or {}
+        if w.get("actorder") == "group":
+            raise CompressError("act-order with g_idx (actorder='group') is not supported",
+                                "re-quantize with actorder 'static'/'weight' or none")
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.Linear) or _matches(name, mod, ignore):
+                continue
+            if _matches(name, mod, group.get("targets", [])):
+                gs = w.get("group_size") if w.get("strategy") == "group" else mod.in_features
+                out[name] = {"kind": "quant", "format": "pack-quantized", "bits": w["num_bits"],
+                             "group_size": gs, "symmetric": w.get("symmetric", True),
+                             "in_features": mod.in_features, "out_features": mod.out_features,
+                             "bias": mod.bias is not None}
+    return out
+
+
+def _matches(name: str, mod: nn.Module, targets: list[str]) -> bool:
+    for t in targets:
+        if t.startswith("re:") and re.match(t[3:], name):
+            return True
+        if t == type(mod).__name__ or t == name:
+            return True
+    return False
+
+
+# -- module paths ------------------------------------------------------------------------
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(get_module(model, parent), leaf, new)
+
+
+# -- materialise / release ---------------------------------------------------------------
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader,
+                check_finite: bool = True) -> None:
+    """Load every parameter and persistent buffer of ``module`` from ``prefix + name``."""
+    for name, owner, leaf, is_param in _slots(module):
+        key = prefix + name
+        current = owner._parameters[leaf] if is_param else owner._buffers[leaf]
+        if key not in reader:
+            if is_param and current is not None and current.is_meta:
+                raise CompressError(f"{reader.path} lacks tensor {key!r} that config.json implies",
+                                    "the checkpoint does not match its config.json")
+            continue
+        t = reader.get(key)
+        if current is not None and tuple(t.shape) != tuple(current.shape):
+            raise CompressError(
+                f"tensor {key} has shape {tuple(t.shape)} but config.json implies {tuple(current.shape)}",
+                "the checkpoint does not match its config.json")
+        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise NumericsError(f"tensor {key} contains NaN or Inf",
+                                "repair the checkpoint; compressing it would spread the damage")
+        if is_param:
+            owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[leaf] = t
+
+
+def _slots(module: nn.Module):
+    """(dotted name, owner, leaf, is_param) for every parameter / persistent buffer, once each."""
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        pre = f"{mod_name}." if mod_name else ""
+        for leaf, p in mod._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield pre + leaf, mod, leaf, True
+        for leaf, b in mod._buffers.items():
+            if b is not None and leaf not in mod._non_persistent_buffers_set:
+                yield pre + leaf, mod, leaf, False
+
+
+def release(module: nn.Module) -> None:
+    """Send a module's tensors back to the meta device (frees their memory)."""
+    module.to("meta")
+
+
+def tie_head(model: nn.Module, adapter: Adapter, reader: CheckpointReader) -> bool:
+    """Share the token embedding with the head when the config ties them and the head is absent."""
+    if adapter.head is None:
+        return False
+    key = f"{adapter.head}.weight"
+    tied = bool(reader.config.get("tie_word_embeddings", False))
+    if tied and key not in reader:
+        emb = get_module(model, adapter.token_embedding)
+        get_module(model, adapter.head).weight = emb.weight
+        return True
+    return False
+
+
+def state_dict_of(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A module's persistent tensors keyed by full checkpoint name."""
+    return {prefix + k: v for k, v in module.state_dict().items()}

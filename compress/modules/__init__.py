@@ -1,0 +1,7 @@
+"""Runtime modules the loader swaps in for compressed linears, and the registry that maps a
+manifest entry's ``kind`` to the module that serves it."""
+
+from compress.modules.kinds import MODULE_KINDS, build_module, register_kind
+from compress.modules.quant_linear import QuantLinear
+
+__all__ = ["MODULE_KINDS", "QuantLinear", "build_module", "register_kind"]

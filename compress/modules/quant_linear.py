@@ -1,0 +1,95 @@
+"""QuantLinear: a linear layer stored as packed integer codes + scales (+ zero points).
+
+Its state-dict names are the compressed-tensors ``pack-quantized`` names
+(``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``), so the same
+tensors serve our loader, ``transformers`` + ``compressed-tensors``, and vLLM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from compress.algos.quant import QuantizedWeight
+from compress.modules.kinds import register_kind
+from kernels.packing import pack_int32, packed_len
+from kernels.quant_matmul import dequantize, quant_matmul
+
+
+class QuantLinear(nn.Module):
+    """``y = x · dequant(W)ᵀ + b`` served by :func:`kernels.quant_matmul.quant_matmul`.
+
+    Args:
+        in_features / out_features: dense shape.
+        bits: code width; group_size: input columns per scale (``in_features`` = per channel).
+        symmetric: no zero points when True.
+        bias: keep a dense bias.
+        scale_dtype: dtype of the stored scales (the model's dtype).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 symmetric: bool, bias: bool, scale_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        n_groups = -(-in_features // group_size)
+        kw = {"device": device}
+        self.register_buffer("weight_packed", torch.zeros(
+            out_features, packed_len(in_features, bits), dtype=torch.int32, **kw))
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, dtype=scale_dtype, **kw))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], **kw))
+        if symmetric:
+            self.weight_zero_point = None
+        else:
+            self.register_buffer("weight_zero_point", torch.zeros(
+                packed_len(out_features, bits), n_groups, dtype=torch.int32, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, **kw),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None) -> QuantLinear:
+        """Pack a :class:`QuantizedWeight` into a module (CPU)."""
+        out_f, in_f = qw.codes.shape
+        gs = qw.spec.group_width(in_f)
+        m = cls(in_f, out_f, qw.spec.bits, gs, qw.spec.symmetric, bias is not None,
+                qw.scale.dtype)
+        m.weight_packed = pack_int32(qw.codes, qw.spec.bits, dim=1)
+        m.weight_scale = qw.scale.clone()
+        if qw.zero is not None:
+            m.weight_zero_point = pack_int32(qw.zero, qw.spec.bits, dim=0)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense ``[out, in]`` weight these codes stand for."""
+        return dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                          bits=self.bits, group_size=self.group_size,
+                          in_features=self.in_features, dtype=dtype or self.weight_scale.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quant_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                            bits=self.bits, group_size=self.group_size,
+                            in_features=self.in_features, bias=self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}")
+
+    def manifest_entry(self) -> dict:
+        return {"kind": "quant", "format": "pack-quantized", "bits": self.bits,
+                "group_size": self.group_size, "symmetric": self.symmetric,
+                "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+
+@register_kind("quant")
+def _build_quant(original: nn.Module, entry: dict) -> QuantLinear:
+    dtype = torch.float32
+    w = getattr(original, "weight", None)
+    if w is not None and w.is_floating_point():
+        dtype = w.dtype
+    return QuantLinear(entry["in_features"], entry["out_features"], entry["bits"],
+                       entry["group_size"], entry["symmetric"], entry.get("bias", False),
+                       dtype, device="meta")

@@ -1,0 +1,67 @@
+"""What every pass has: a typed config and three hooks the layer-streaming runner calls.
+
+``begin`` runs once after the embeddings are loaded (and the calibration activations of
+block 0 captured); ``process_layer`` once per block; ``finish`` once after the last block with
+the final norm and head loaded. A pass changes modules in place; the runner writes them.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from compress.calib.pipeline import LayerContext
+    from compress.report import LayerRecord
+    from compress.runner import RunContext
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config: unknown keys are errors; values are validated ranges.
+
+    Args:
+        targets: regexes over block-relative linear names (``self_attn.q_proj``) to compress;
+            empty means every linear of the block.
+        ignore: regexes of linears to leave dense (wins over ``targets``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: int = Field(1, ge=1, le=1, description="config schema version")
+    targets: list[str] = Field(default_factory=list)
+    ignore: list[str] = Field(default_factory=list)
+
+    def selects(self, rel_name: str) -> bool:
+        if any(re.search(p, rel_name) for p in self.ignore):
+            return False
+        return not self.targets or any(re.search(p, rel_name) for p in self.targets)
+
+
+class Pass(ABC):
+    """Base class; subclasses are registered with :func:`compress.registry.register_pass`."""
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig) -> None:
+        self.config = config
+
+    def begin(self, run: RunContext) -> None:
+        """Called once, before block 0 (embeddings materialised)."""
+
+    @abstractmethod
+    def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
+        """Compress one block in place and return its per-module records."""
+
+    def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
+        """Stored bytes of one block linear after this pass (None: unchanged). For `plan`."""
+        return None
+
+    def finish(self, run: RunContext) -> None:
+        """Called once, after the last block (final norm and head materialised)."""
+
+    def describe(self) -> str:
+        """One line for `compress plan`."""
+        return f"{self.name}: {self.config.model_dump(exclude_defaults=True)}"

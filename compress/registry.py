@@ -1,0 +1,61 @@
+"""The pass registry: ``@register_pass`` is the only way a pass becomes visible.
+
+The CLI's per-pass subcommands, ``compress list`` and recipe validation are all generated
+from :data:`PASSES`. ``compress.passes`` imports every pass module explicitly (no package walk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from compress.passes.base import Pass, PassConfig
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A registered pass: its name, typed config, implementation and what it needs."""
+
+    name: str
+    config_cls: type[PassConfig]
+    pass_cls: type[Pass]
+    needs_calibration: bool
+    summary: str
+    cli_name: str
+
+
+PASSES: dict[str, PassSpec] = {}
+
+
+def register_pass(name: str, config_cls: type[PassConfig], *, needs_calibration: bool,
+                  summary: str, cli_name: str | None = None) -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator registering a pass under ``name`` with its config model."""
+
+    def deco(cls: type[Pass]) -> type[Pass]:
+        if name in PASSES:
+            raise ValueError(f"pass {name!r} registered twice")
+        cls.name = name
+        cls.needs_calibration = needs_calibration
+        PASSES[name] = PassSpec(name, config_cls, cls, needs_calibration, summary, cli_name or name)
+        return cls
+
+    return deco
+
+
+def get_pass(name: str) -> PassSpec:
+    import compress.passes  # noqa: F401  (registers the built-in passes)
+
+    if name not in PASSES:
+        raise CompressError(f"unknown pass {name!r} (known: {', '.join(sorted(PASSES))})",
+                            "run `compress list` to see the registered passes")
+    return PASSES[name]
+
+
+def all_passes() -> dict[str, PassSpec]:
+    import compress.passes  # noqa: F401
+
+    return dict(PASSES)
