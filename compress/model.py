@@ -129,15 +129,18 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader,
                 check_finite: bool = True) -> None:
     """Load every parameter and persistent buffer of ``module`` from ``prefix + name``."""
-    for name, owner, leaf, is_param in _slots(module):
+    slots = list(_slots(module))
+    present = [prefix + name for name, *_ in slots if prefix + name in reader]
+    tensors = reader.get_many(present)
+    for name, owner, leaf, is_param in slots:
         key = prefix + name
         current = owner._parameters[leaf] if is_param else owner._buffers[leaf]
-        if key not in reader:
+        if key not in tensors:
             if is_param and current is not None and current.is_meta:
                 raise CompressError(f"{reader.path} lacks tensor {key!r} that config.json implies",
                                     "the checkpoint does not match its config.json")
             continue
-        t = reader.get(key)
+        t = tensors.pop(key)
         if current is not None and tuple(t.shape) != tuple(current.shape):
             raise CompressError(
                 f"tensor {key} has shape {tuple(t.shape)} but config.json implies {tuple(current.shape)}",

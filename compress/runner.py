@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress._memory import bound_allocator
 from compress.arch import Adapter, get_adapter
 from compress.calib.corpus import load_corpus
 from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
@@ -96,6 +97,7 @@ def load_calibration(src: Path, cal: CalibrationConfig, config: dict) -> Calibra
 def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = False,
                progress: Progress | None = None) -> Path:
     """Apply every stage of ``recipe`` to ``model``; the last stage writes ``out`` atomically."""
+    bound_allocator()
     model = Path(model)
     CheckpointReader(model)  # validate the input before any work
     out = prepare_output(out, [model], overwrite)

@@ -19,10 +19,9 @@ from compress.errors import NumericsError
 
 @dataclass
 class GPTQStats:
-    """What one GPTQ call did: OBS loss, output error, damping finally used, dead inputs."""
+    """What one GPTQ call did: OBS loss, damping finally used, dead inputs."""
 
     loss: float
-    rel_output_error: float
     damp: float
     dead_inputs: int
 
@@ -80,7 +79,6 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
                             "check the model's activations for overflow (try float32)")
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(torch.float64).clone()
-    W0, H0 = W.clone(), H.clone()
     out_f, in_f = W.shape
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
@@ -133,8 +131,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     else:
         scales, zeros = dyn_scales, dyn_zeros
     qw = pack_grids(codes, scales, zeros, spec, perm)
-    stats = GPTQStats(float(loss.double().sum()), relative_output_error(W0, qw.dequantize(), H0), damp, int(dead.sum()))
-    return qw, stats
+    return qw, GPTQStats(float(loss.double().sum()), damp, int(dead.sum()))
 
 
 def _static_grids(W: Tensor, spec: QuantSpec) -> list[Grid]:
@@ -145,8 +142,8 @@ def _static_grids(W: Tensor, spec: QuantSpec) -> list[Grid]:
 
 def relative_output_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:
     """‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² computed from ``H = XᵀX`` without touching X."""
-    H = H.to(torch.float64)
-    D = (W - Wq).to(torch.float64)
-    num = torch.einsum("oi,ij,oj->", D, H, D)
-    den = torch.einsum("oi,ij,oj->", W.to(torch.float64), H, W.to(torch.float64))
-    return float(num / den) if float(den) > 0 else 0.0
+    H = H.to(torch.float32)
+    D = (W - Wq).to(torch.float32)
+    num = float(((D @ H) * D).sum(dtype=torch.float64))
+    den = float(((W.to(torch.float32) @ H) * W.to(torch.float32)).sum(dtype=torch.float64))
+    return num / den if den > 0 else 0.0

@@ -13,6 +13,22 @@ from torch import Tensor
 from compress.errors import NumericsError
 
 
+def symmetric_gram(x: Tensor, block: int = 512) -> Tensor:
+    """``xᵀx`` computing only the upper block triangle and mirroring it (≈ half the FLOPs for
+    wide inputs; plain ``xᵀx`` below two blocks)."""
+    d = x.shape[1]
+    if d < 2 * block:
+        return x.T @ x
+    out = torch.empty(d, d, dtype=x.dtype)
+    starts = list(range(0, d, block))
+    xt = x.T.contiguous()  # (dim, rows): row blocks of xt are column blocks of x
+    for i in starts:
+        rows = xt[i:i + block]
+        out[i:i + block, i:] = rows @ x[:, i:]  # upper block row, diagonal block included
+        out[i + block:, i:i + block] = out[i:i + block, i + block:].T
+    return out
+
+
 class GramAccumulator:
     """Running ``XᵀX`` (and row count) of a stream of ``[..., dim]`` activations."""
 
@@ -22,7 +38,7 @@ class GramAccumulator:
 
     def add(self, x: Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (rows, dim)
-        self.sum += (x2.T @ x2).to(self.sum.dtype)
+        self.sum += symmetric_gram(x2).to(self.sum.dtype)
         self.count += x2.shape[0]
 
     def mean(self) -> Tensor:

@@ -51,10 +51,45 @@ def split_lines(lines: list[str], protocol: Protocol) -> tuple[list[str], list[s
     return calib, test
 
 
-def tokenize_joined(tokenizer, lines: list[str]) -> torch.Tensor:
-    """Token ids of ``"\\n".join(lines)`` as one 1-D int64 tensor (default special tokens)."""
-    ids = tokenizer("\n".join(lines), return_tensors="pt", verbose=False)["input_ids"][0]
-    return ids.to(torch.int64)
+def tokenize_joined(tokenizer, lines: list[str], chunk_lines: int = 2000) -> torch.Tensor:
+    """Token ids of ``"\\n".join(lines)`` as one 1-D int64 tensor (default special tokens).
+
+    Tokenising megabytes at once makes fast tokenizers hold ~600 bytes per token of offsets and
+    alignments, so the text is tokenised in chunks of whole lines. Chunking is only used when it
+    is provably identical: every chunk boundary is re-tokenised as one string (last line +
+    ``"\\n"`` + next line) and compared with the two pieces; any difference falls back to a
+    single call on the whole text.
+    """
+    if len(lines) <= chunk_lines:
+        return _encode(tokenizer, "\n".join(lines), special=True)
+    chunks = ["\n".join(lines[i:i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
+    pieces = [c + "\n" for c in chunks[:-1]] + [chunks[-1]]
+    for i in range(len(chunks) - 1):
+        left, right = lines[(i + 1) * chunk_lines - 1] + "\n", lines[(i + 1) * chunk_lines]
+        joined = _encode(tokenizer, left + right, special=False)
+        split = torch.cat([_encode(tokenizer, left, special=False), _encode(tokenizer, right, special=False)])
+        if not torch.equal(joined, split):
+            return _encode(tokenizer, "\n".join(lines), special=True)
+    body = torch.cat([_encode(tokenizer, p, special=False) for p in pieces])
+    prefix, suffix = _special_affixes(tokenizer)
+    return torch.cat([prefix, body, suffix])
+
+
+def _encode(tokenizer, text: str, special: bool) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def _special_affixes(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Special tokens the tokenizer adds before and after a single text (e.g. [CLS] / [SEP])."""
+    probe = "a"
+    bare = _encode(tokenizer, probe, special=False).tolist()
+    full = _encode(tokenizer, probe, special=True).tolist()
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return (torch.tensor(full[:start], dtype=torch.int64),
+                    torch.tensor(full[start + len(bare):], dtype=torch.int64))
+    raise ValueError("cannot locate the text inside the tokenizer's special-token template")
 
 
 def calibration_windows(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:

@@ -78,7 +78,6 @@ class CheckpointReader:
         self.config: dict = self._read_json("config.json")
         self._shard_of: dict[str, Path] = self._index()
         self._headers = {p: read_header(p) for p in sorted(set(self._shard_of.values()))}
-        self._handles: dict[Path, object] = {}
 
     # -- validation -------------------------------------------------------------------
     def _check_dir(self) -> None:
@@ -140,19 +139,31 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (a fresh CPU tensor; nothing else is read)."""
-        if name not in self._shard_of:
-            raise CompressError(f"{self.path} has no tensor {name!r}",
-                                "the checkpoint does not match its config.json")
-        shard = self._shard_of[name]
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = safe_open(str(shard), framework="pt", device="cpu")
-            self._handles[shard] = handle
-        return handle.get_tensor(name)
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Load several tensors, opening each shard once.
+
+        Shards are memory-mapped only while they are read: a handle kept open would leave every
+        page read so far resident, so memory would grow with the depth of the model.
+        """
+        by_shard: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self._shard_of:
+                raise CompressError(f"{self.path} has no tensor {name!r}",
+                                    "the checkpoint does not match its config.json")
+            by_shard.setdefault(self._shard_of[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for shard, keys in by_shard.items():
+            with safe_open(str(shard), framework="pt", device="cpu") as fh:
+                for k in keys:
+                    out[k] = fh.get_tensor(k)
+        return out
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keyed by the name minus the prefix."""
-        return {k[len(prefix):]: self.get(k) for k in self.keys() if k.startswith(prefix)}
+        keys = [k for k in self.keys() if k.startswith(prefix)]
+        return {k[len(prefix):]: v for k, v in self.get_many(keys).items()}
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.keys():
@@ -179,5 +190,3 @@ class CheckpointReader:
         p = self.path / "compression.json"
         return self._read_json("compression.json") if p.is_file() else None
 
-    def close(self) -> None:
-        self._handles.clear()
