@@ -135,8 +135,10 @@ def make_pass_command(spec) -> Any:  # noqa: ANN001
 def _register_pass_commands() -> None:
     from compress.registry import all_passes
 
+    known = {c.name for c in app.registered_commands}
     for spec in all_passes().values():
-        app.command(spec.cli_name, help=spec.summary)(make_pass_command(spec))
+        if spec.cli_name not in known:
+            app.command(spec.cli_name, help=spec.summary)(make_pass_command(spec))
 
 
 # -- fixed commands -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress._memory import bound_allocator
+from compress._memory import bound_allocator, trim
 from compress.arch import Adapter, get_adapter
 from compress.calib.corpus import load_corpus
 from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
@@ -178,6 +178,7 @@ def _blocks(run: RunContext, the_pass: Pass, writer: CheckpointWriter, progress:
         _record_modules(run, layer, prefix)
         writer.add_many(state_dict_of(layer, prefix))
         release(layer)
+        trim()
         if progress is not None:
             progress(i + 1, n, f"{the_pass.name} (layer {i + 1}/{n})")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compress.algos.quant import Grid, QuantizedWeight, QuantSpec, find_grid, pack_grids, quantize_codes
+from compress.algos.quant import Grid, QuantizedWeight, QuantSpec, find_grid, pack_grids
 from compress.errors import NumericsError
 
 
@@ -94,7 +94,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     U = U.to(torch.float32)
 
     codes = torch.empty(out_f, in_f, dtype=torch.int8)
-    loss = torch.zeros(out_f, dtype=torch.float32)
+    loss = torch.zeros((), dtype=torch.float64)
     order = perm.tolist() if perm is not None else list(range(in_f))
     dyn_scales: list[Tensor] = []
     dyn_zeros: list[Tensor] = []
@@ -103,27 +103,26 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         W1 = W[:, i1:i2].clone()  # (out, b) updated in place column by column
-        Err = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)  # unsigned codes of the block
+        Err = torch.empty_like(W1)
         Uii = U[i1:i2, i1:i2]
         grid = None
         for i in range(i2 - i1):
             col = i1 + i
-            orig = order[col]
             if grids is not None:
-                grid = grids[orig // gw]
+                grid = grids[order[col] // gw]
             elif col % gw == 0:
                 grid = find_grid(W1[:, i:i + gw], spec)
                 dyn_scales.append(grid.scale)
                 dyn_zeros.append(grid.zero)
             w = W1[:, i]
-            q = quantize_codes(w.unsqueeze(1), grid, spec.maxq).squeeze(1)  # (out,)
-            dq = grid.scale * (q - grid.zero)
-            codes[:, orig] = (q - offset).to(torch.int8)
-            d = Uii[i, i]
-            loss += (w - dq) ** 2 / (2 * d * d)
-            err = (w - dq) / d
-            W1[:, i:] -= err.unsqueeze(1) * Uii[i, i:].unsqueeze(0)
+            q = torch.clamp_(torch.round_(w / grid.scale).add_(grid.zero), 0, spec.maxq)  # (out,)
+            Q1[:, i] = q
+            err = torch.sub(w, (q - grid.zero).mul_(grid.scale)).div_(Uii[i, i])
             Err[:, i] = err
+            W1[:, i:].addr_(err, Uii[i, i:], alpha=-1)  # lazy OBS update inside the block
+        codes[:, order[i1:i2]] = (Q1 - offset).to(torch.int8)
+        loss += float((Err.double() ** 2).sum() / 2)
         W[:, i2:] -= Err @ U[i1:i2, i2:]
 
     if grids is not None:
@@ -131,7 +130,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     else:
         scales, zeros = dyn_scales, dyn_zeros
     qw = pack_grids(codes, scales, zeros, spec, perm)
-    return qw, GPTQStats(float(loss.double().sum()), damp, int(dead.sum()))
+    return qw, GPTQStats(float(loss), damp, int(dead.sum()))
 
 
 def _static_grids(W: Tensor, spec: QuantSpec) -> list[Grid]:

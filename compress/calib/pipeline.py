@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from compress.arch import Adapter
 from compress.calib.hessian import GramAccumulator
 from compress.model import get_module, set_module
+from compress.modules.quant_linear import dense_cache
 
 
 class _StopForward(Exception):
@@ -27,30 +28,45 @@ class _StopForward(Exception):
 
 @dataclass
 class CalibState:
-    """Calibration activations entering the current block, one entry per batch."""
+    """Calibration activations entering the current block.
 
-    hidden: list[Tensor]
+    ``hidden`` is one preallocated ``[n_windows, seq, dim]`` tensor that every block's output is
+    copied back into, batch by batch: no per-batch tensors outlive a forward, so the heap is not
+    fragmented by a stream of replaced buffers. ``kwargs[b]`` are what batch b's block call takes.
+    """
+
+    hidden: Tensor
     kwargs: list[dict]
-    rows: int = 0
+    batch_size: int
 
     def batches(self) -> range:
-        return range(len(self.hidden))
+        return range(len(self.kwargs))
+
+    def batch(self, b: int) -> Tensor:
+        return self.hidden[b * self.batch_size:(b + 1) * self.batch_size]  # a view, no copy
 
 
 class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the model's forward."""
+    """Stands in for block 0: copies its input into ``buffer[rows]`` and stops the forward."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, n_windows: int) -> None:
         super().__init__()
         self.inner = inner
-        self.seen: list[tuple[Tensor, dict]] = []
+        self.n_windows = n_windows
+        self.buffer: Tensor | None = None
+        self.kwargs: list[dict] = []
+        self.filled = 0
 
     def forward(self, hidden: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
         if args:
             raise RuntimeError("block called with positional extras; extend the adapter")
+        if self.buffer is None:
+            self.buffer = hidden.new_empty((self.n_windows, *hidden.shape[1:]))  # (windows, seq, dim)
+        self.buffer[self.filled:self.filled + hidden.shape[0]] = hidden.detach()
+        self.filled += hidden.shape[0]
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
         kwargs["use_cache"] = False
-        self.seen.append((hidden.detach(), kwargs))
+        self.kwargs.append(kwargs)
         raise _StopForward
 
 
@@ -58,7 +74,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor,
                          batch_size: int) -> CalibState:
     """Run the embeddings on every calibration batch and catch what block 0 receives."""
     layers = get_module(model, adapter.layers)
-    catcher = _Catcher(layers[0])
+    catcher = _Catcher(layers[0], windows.shape[0])
     layers[0] = catcher
     try:
         with torch.no_grad():
@@ -69,8 +85,8 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor,
                     pass
     finally:
         layers[0] = catcher.inner
-    hidden = [h for h, _ in catcher.seen]
-    return CalibState(hidden, [k for _, k in catcher.seen], rows=int(windows.numel()))
+    assert catcher.buffer is not None and catcher.filled == windows.shape[0]
+    return CalibState(catcher.buffer, catcher.kwargs, batch_size)
 
 
 def block_output(out: object) -> Tensor:
@@ -116,7 +132,7 @@ class LayerContext:
             with torch.no_grad():
                 for b in self.state.batches():
                     try:
-                        self.layer(self.state.hidden[b], **self.state.kwargs[b])
+                        self.layer(self.state.batch(b), **self.state.kwargs[b])
                     except _StopForward:
                         pass
         finally:
@@ -134,10 +150,10 @@ class LayerContext:
         """Replace the activations with this (now compressed) block's outputs."""
         if self.state is None:
             return
-        with torch.no_grad():
+        with torch.no_grad(), dense_cache(self.layer):
             for b in self.state.batches():
-                out = self.layer(self.state.hidden[b], **self.state.kwargs[b])
-                self.state.hidden[b] = block_output(out)
+                x = self.state.batch(b)
+                x.copy_(block_output(self.layer(x, **self.state.kwargs[b])))
 
 
 def _make_hook(fn: Callable[[Tensor], None], stop: bool):

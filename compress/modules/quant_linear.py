@@ -7,6 +7,9 @@ tensors serve our loader, ``transformers`` + ``compressed-tensors``, and vLLM.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -46,6 +49,7 @@ class QuantLinear(nn.Module):
                 packed_len(out_features, bits), n_groups, dtype=torch.int32, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, **kw),
                                  requires_grad=False) if bias else None
+        self._dense: Tensor | None = None  # set only inside dense_cache()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None) -> QuantLinear:
@@ -69,6 +73,8 @@ class QuantLinear(nn.Module):
                           in_features=self.in_features, dtype=dtype or self.weight_scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._dense is not None:
+            return torch.nn.functional.linear(x, self._dense.to(x.dtype), self.bias)
         return quant_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             bits=self.bits, group_size=self.group_size,
                             in_features=self.in_features, bias=self.bias)
@@ -82,6 +88,24 @@ class QuantLinear(nn.Module):
                 "group_size": self.group_size, "symmetric": self.symmetric,
                 "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None}
+
+
+@contextlib.contextmanager
+def dense_cache(root: nn.Module) -> Iterator[None]:
+    """Serve every QuantLinear under ``root`` from its dequantised weight (decoded once).
+
+    The pipeline runs each block over many calibration batches right after quantising it;
+    decoding the codes once per block instead of once per batch is what this is for. The
+    numbers are identical to the packed path (same dequantisation).
+    """
+    mods = [m for m in root.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m._dense = m.dequantized_weight(torch.float32)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m._dense = None
 
 
 @register_kind("quant")

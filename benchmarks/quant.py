@@ -1,0 +1,169 @@
+"""GPTQ/RTN on SmolLM2 under protocol brown-512, against llm-compressor 0.14 in the same run.
+
+Measures (JSON in benchmarks/results/quant.json; summarised in BENCHMARKS.md):
+* PPL / dense PPL / KL / top-1 / size for GPTQ W4 g64 (ours and llm-compressor's GPTQModifier,
+  same scheme, same calibration windows, same dampening), RTN W4 g64, GPTQ W3 g64, W8 per channel;
+* wall time and peak RSS of the W4 g64 GPTQ run, ours vs llm-compressor, interleaved repeats,
+  medians and their ratio;
+* peak RSS of the same run on a 60-block variant of SmolLM2 (blocks repeated) vs 30 blocks;
+* the int4 output loaded by plain ``transformers`` + ``compressed-tensors``: its PPL vs ours;
+* determinism: identical tensors from two runs of the same recipe.
+
+Usage: python benchmarks/quant.py [--repeats 2] [--skip-llmc] [--skip-deep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from benchmarks.common import ROOT, compress_cmd, machine, measured, median, save  # noqa: E402
+from compress.assets import cache_dir, materialize  # noqa: E402
+from compress.checkpoint import CheckpointReader, CheckpointWriter  # noqa: E402
+from compress.eval import eval_token_windows, evaluate, score  # noqa: E402
+from compress.recipe import CalibrationConfig  # noqa: E402
+from compress.runner import load_calibration  # noqa: E402
+
+PROTOCOL = "brown-512"
+W4 = ["--bits", "4", "--group-size", "64", "--act-order"]
+
+
+def tensor_hash(path: Path) -> str:
+    r = CheckpointReader(path)
+    h = hashlib.sha256()
+    for k in r.keys():
+        h.update(k.encode())
+        h.update(r.get(k).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def eval_row(out: Path, dense: Path) -> dict:
+    r = evaluate(out, dense, protocol=PROTOCOL)
+    return {"ppl": r.ppl, "dense_ppl": r.dense_ppl, "kl": r.kl_mean, "top1": r.top1_agreement,
+            "bytes_on_disk": r.bytes_on_disk, "effective_bits": r.effective_bits}
+
+
+def deep_variant(src: Path, dst: Path, factor: int = 2) -> Path:
+    """The same model with its block list repeated ``factor`` times (for the memory check)."""
+    if (dst / "config.json").is_file():
+        return dst
+    reader = CheckpointReader(src)
+    n = int(reader.config["num_hidden_layers"])
+    with CheckpointWriter(dst, overwrite=True) as w:
+        for k in reader.keys():
+            if k.startswith("model.layers."):
+                i, rest = k[len("model.layers."):].split(".", 1)
+                for rep in range(factor):
+                    w.add(f"model.layers.{int(i) + rep * n}.{rest}", reader.get(k))
+            else:
+                w.add(k, reader.get(k))
+        cfg = dict(reader.config, num_hidden_layers=n * factor)
+        w.write_json("config.json", cfg)
+        for f in src.iterdir():
+            if f.suffix in (".json", ".jinja") and f.name not in ("config.json",):
+                w.copy_file(f)
+        w.commit()
+    return dst
+
+
+def transformers_ppl(out: Path) -> float:
+    """PPL of our int4 output loaded by plain transformers + compressed-tensors."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    s = score(model, eval_token_windows(out, PROTOCOL, None))
+    return math.exp(s["nll"] / s["tokens"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--skip-deep", action="store_true")
+    ap.add_argument("--work", type=Path, default=None)
+    a = ap.parse_args()
+    dense = materialize("smollm2-135m")
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench-quant-", dir=cache_dir()))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"machine": machine(), "protocol": PROTOCOL, "model": "SmolLM2-135M-Instruct (fp32)",
+                 "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}
+
+    # the exact calibration windows our protocol draws, handed to llm-compressor too
+    calib = load_calibration(dense, CalibrationConfig(protocol=PROTOCOL), CheckpointReader(dense).config)
+    windows = work / "windows.safetensors"
+    save_file({"input_ids": calib.windows.contiguous()}, str(windows))
+    res["calibration_fingerprint"] = calib.fingerprint
+
+    llmc_py = None
+    if not a.skip_llmc:
+        venv = subprocess.run(["bash", str(ROOT / "benchmarks/peers/setup_llmc.sh")], check=True,
+                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        llmc_py = str(Path(venv) / "bin" / "python")
+
+    ours, peer = [], []
+    for rep in range(a.repeats):
+        out = work / f"ours-w4g64-{rep}"
+        shutil.rmtree(out, ignore_errors=True)
+        ours.append(measured(compress_cmd("gptq", str(dense), *W4, "-o", str(out)), log=work / f"ours-{rep}.log"))
+        print("ours", rep, ours[-1], flush=True)
+        if llmc_py:
+            pout = work / f"llmc-w4g64-{rep}"
+            shutil.rmtree(pout, ignore_errors=True)
+            peer.append(measured([llmc_py, str(ROOT / "benchmarks/peers/llmc_gptq.py"), str(dense),
+                                  "--windows", str(windows), "--out", str(pout), "--bits", "4",
+                                  "--group-size", "64", "--damp", "0.01", "--actorder", "static"],
+                                 log=work / f"llmc-{rep}.log"))
+            print("llm-compressor", rep, peer[-1], flush=True)
+    res["gptq_w4g64_runs"] = {"ours": ours, "llm_compressor": peer}
+    t_ours, m_ours = median([r["wall_s"] for r in ours]), median([r["peak_rss_bytes"] for r in ours])
+    res["gptq_w4g64_cost"] = {"ours_wall_s": t_ours, "ours_peak_rss_bytes": m_ours}
+    if peer:
+        t_p, m_p = median([r["wall_s"] for r in peer]), median([r["peak_rss_bytes"] for r in peer])
+        res["gptq_w4g64_cost"].update({"llmc_wall_s": t_p, "llmc_peak_rss_bytes": m_p,
+                                       "wall_ratio": t_ours / t_p, "rss_ratio": m_ours / m_p})
+    if a.repeats >= 2:
+        h = [tensor_hash(work / f"ours-w4g64-{i}") for i in range(2)]
+        res["determinism"] = {"identical": h[0] == h[1], "sha256": h}
+
+    quality = {"gptq_w4g64": eval_row(work / "ours-w4g64-0", dense)}
+    if peer:
+        quality["llmc_gptq_w4g64"] = eval_row(work / "llmc-w4g64-0", dense)
+    for name, args in {"rtn_w4g64": ["rtn", "--bits", "4", "--group-size", "64"],
+                       "gptq_w3g64": ["gptq", "--bits", "3", "--group-size", "64", "--act-order"],
+                       "gptq_w8_per_channel": ["gptq", "--bits", "8", "--group-size", "0"]}.items():
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        measured(compress_cmd(*args[:1], str(dense), *args[1:], "-o", str(out)), log=work / f"{name}.log")
+        quality[name] = eval_row(out, dense)
+        print(name, quality[name], flush=True)
+    res["quality"] = quality
+
+    tf = transformers_ppl(work / "ours-w4g64-0")
+    res["transformers_interop"] = {"transformers_ppl": tf, "compress_ppl": quality["gptq_w4g64"]["ppl"],
+                                   "rel_diff": abs(tf - quality["gptq_w4g64"]["ppl"]) / quality["gptq_w4g64"]["ppl"]}
+    print("interop", res["transformers_interop"], flush=True)
+
+    if not a.skip_deep:
+        deep = deep_variant(dense, cache_dir() / "models" / "smollm2-135m-x2")
+        out = work / "ours-deep"
+        shutil.rmtree(out, ignore_errors=True)
+        d = measured(compress_cmd("gptq", str(deep), *W4, "-o", str(out)), log=work / "deep.log")
+        res["depth_memory"] = {"layers_30": {"peak_rss_bytes": m_ours, "wall_s": t_ours},
+                               "layers_60": d, "rss_ratio": d["peak_rss_bytes"] / m_ours}
+        print("deep", res["depth_memory"], flush=True)
+    print(save("quant", res))
+
+
+if __name__ == "__main__":
+    main()
