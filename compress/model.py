@@ -148,6 +148,8 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader,
         if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
             raise NumericsError(f"tensor {key} contains NaN or Inf",
                                 "repair the checkpoint; compressing it would spread the damage")
+        if t.data_ptr() % 64:  # safetensors offsets are 8-byte aligned; BLAS is ~20% faster at 64
+            t = t.clone()
         if is_param:
             owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         else:

@@ -112,6 +112,7 @@ class LayerContext:
     state: CalibState | None
     hessian_dtype: torch.dtype = torch.float64
     info: dict = field(default_factory=dict)
+    propagated: bool = False
 
     def module(self, rel: str) -> nn.Module:
         return get_module(self.layer, rel)
@@ -139,16 +140,39 @@ class LayerContext:
             for h in handles:
                 h.remove()
 
-    def collect(self, names: Sequence[str]) -> dict[str, Tensor]:
-        """Mean ``XᵀX`` of the inputs of the linears ``names`` (relative paths), one forward."""
+    def collect(self, names: Sequence[str], propagate: bool = False) -> dict[str, Tensor]:
+        """Mean ``XᵀX`` of the inputs of the linears ``names`` (relative paths), one forward.
+
+        With ``propagate=True`` the forward runs to the end and the block's (still dense)
+        outputs replace the activations: one forward feeds every Gram matrix *and* the next
+        block, and :meth:`propagate` becomes a no-op for this block.
+        """
         accs = {n: GramAccumulator(_in_features(self.module(n)), self.hessian_dtype) for n in names}
-        order = [n for n in self.adapter.linears if n in accs] or list(names)
-        self.run({n: accs[n].add for n in names}, stop_at=order[-1])
+        hooks = {n: accs[n].add for n in names}
+        if propagate:
+            self._forward_in_place(hooks)
+            self.propagated = True
+        else:
+            order = [n for n in self.adapter.linears if n in accs] or list(names)
+            self.run(hooks, stop_at=order[-1])
         return {n: a.mean() for n, a in accs.items()}
+
+    def _forward_in_place(self, pre_hooks: dict[str, Callable[[Tensor], None]]) -> None:
+        assert self.state is not None
+        handles = [self.module(rel).register_forward_pre_hook(_make_hook(fn, stop=False))
+                   for rel, fn in pre_hooks.items()]
+        try:
+            with torch.no_grad():
+                for b in self.state.batches():
+                    x = self.state.batch(b)
+                    x.copy_(block_output(self.layer(x, **self.state.kwargs[b])))
+        finally:
+            for h in handles:
+                h.remove()
 
     def propagate(self) -> None:
         """Replace the activations with this (now compressed) block's outputs."""
-        if self.state is None:
+        if self.state is None or self.propagated:
             return
         with torch.no_grad(), dense_cache(self.layer):
             for b in self.state.batches():

@@ -64,6 +64,10 @@ class GPTQConfig(QuantConfig):
         static_groups: compute every group's grid from the original weights.
         sequential: ``true`` re-runs the block after each fused group so later groups see the
             quantised earlier ones; ``layer`` feeds every Hessian from one forward.
+        propagate: what the next block is calibrated on: ``quantized`` re-runs this block after
+            quantising it (the GPTQ paper's choice); ``dense`` uses the outputs of the very
+            forward that collected the Hessians (one forward per block instead of two; only
+            with ``sequential: layer``).
         hessian_dtype: accumulator dtype of the input Gram matrices.
     """
 
@@ -72,6 +76,7 @@ class GPTQConfig(QuantConfig):
     act_order: bool = False
     static_groups: bool = False
     sequential: Literal["true", "layer"] = "true"
+    propagate: Literal["quantized", "dense"] = "quantized"
     hessian_dtype: Literal["float64", "float32"] = "float64"
 
 
@@ -154,8 +159,8 @@ class GPTQPass(_QuantPass):
         ctx.hessian_dtype = getattr(torch, self.config.hessian_dtype)
         groups = _selected_groups(ctx, self.config)
         records: list[LayerRecord] = []
-        if self.config.sequential == "layer":
-            H = ctx.collect([g[0] for g in groups])
+        if self.config.sequential == "layer" or self.config.propagate == "dense":
+            H = ctx.collect([g[0] for g in groups], propagate=self.config.propagate == "dense")
             for g in groups:
                 records += self._group(ctx, g, H[g[0]])
         else:
