@@ -37,7 +37,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 
 def _progress() -> tuple[Progress, Any]:
     prog = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=False)
+                    TimeElapsedColumn(), console=console, transient=True)
     state: dict[str, int] = {}
 
     def update(i: int, n: int, desc: str) -> None:
@@ -258,7 +258,9 @@ def list_cmd() -> None:
         t.add_column(col)
     for spec in all_passes().values():
         fields = ", ".join(k for k in spec.config_cls.model_fields if k != "version")
-        t.add_row(spec.cli_name, spec.name, "yes" if spec.needs_calibration else "no", spec.summary, fields)
+        calib = spec.needs_calibration
+        t.add_row(spec.cli_name, spec.name, "depends" if callable(calib) else ("yes" if calib else "no"),
+                  spec.summary, fields)
     out_console.print(t)
 
 

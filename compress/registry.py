@@ -23,15 +23,21 @@ class PassSpec:
     name: str
     config_cls: type[PassConfig]
     pass_cls: type[Pass]
-    needs_calibration: bool
+    needs_calibration: bool | Callable[[PassConfig], bool]
     summary: str
     cli_name: str
+
+    def calibrates(self, config: PassConfig) -> bool:
+        """Whether this pass, with this config, needs calibration data (e.g. whitened SVD)."""
+        n = self.needs_calibration
+        return bool(n(config)) if callable(n) else bool(n)
 
 
 PASSES: dict[str, PassSpec] = {}
 
 
-def register_pass(name: str, config_cls: type[PassConfig], *, needs_calibration: bool,
+def register_pass(name: str, config_cls: type[PassConfig], *,
+                  needs_calibration: bool | Callable[[PassConfig], bool],
                   summary: str, cli_name: str | None = None) -> Callable[[type[Pass]], type[Pass]]:
     """Class decorator registering a pass under ``name`` with its config model."""
 
@@ -39,7 +45,6 @@ def register_pass(name: str, config_cls: type[PassConfig], *, needs_calibration:
         if name in PASSES:
             raise ValueError(f"pass {name!r} registered twice")
         cls.name = name
-        cls.needs_calibration = needs_calibration
         PASSES[name] = PassSpec(name, config_cls, cls, needs_calibration, summary, cli_name or name)
         return cls
 

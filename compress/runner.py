@@ -127,7 +127,7 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
     adapter = get_adapter(reader.config)
     in_manifest = reader_manifest(reader)
     model = build_skeleton(reader, adapter, in_manifest)
-    calib = load_calibration(src, recipe.calibration, reader.config) if spec.needs_calibration else None
+    calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
     t0 = time.perf_counter()
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         run = RunContext(reader, adapter, model, dict(reader.config), None,

@@ -74,7 +74,7 @@ def plan_recipe(recipe: Recipe, model: str) -> Group:
     for i, st in enumerate(recipe.stages):
         spec = get_pass(st.pass_name)
         the_pass = spec.pass_cls(st.config)
-        stages.add_row(str(i), spec.name, "yes" if spec.needs_calibration else "no",
+        stages.add_row(str(i), spec.name, "yes" if spec.calibrates(st.config) else "no",
                        str(st.config.model_dump(exclude_defaults=True)))
         for name, (o, k) in shapes.items():
             rel = name[len(adapter.layers) + 1:].split(".", 1)[1]
@@ -100,7 +100,7 @@ def _peak_memory(reader: CheckpointReader, adapter: Adapter, recipe: Recipe) -> 
                  for i in range(int(cfg.get("num_hidden_layers", 0)))), default=0)
     emb = sum(_tensor_bytes(reader, k) for k in reader.keys()
               if k.startswith(tuple(e + "." for e in adapter.embeddings)))
-    calib = any(get_pass(s.pass_name).needs_calibration for s in recipe.stages)
+    calib = any(get_pass(s.pass_name).calibrates(s.config) for s in recipe.stages)
     proto = make_protocol(recipe.calibration)
     hidden = int(cfg.get("hidden_size", 0))
     inter = int(cfg.get("intermediate_size", hidden))

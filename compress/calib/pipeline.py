@@ -38,6 +38,12 @@ class CalibState:
     hidden: Tensor
     kwargs: list[dict]
     batch_size: int
+    args: list[tuple] = field(default_factory=list)
+
+    def call(self, layer: nn.Module, b: int, x: Tensor) -> object:
+        """Call a block on batch ``b``'s input ``x`` with the extras it was called with."""
+        extra = self.args[b] if self.args else ()
+        return layer(x, *extra, **self.kwargs[b])
 
     def batches(self) -> range:
         return range(len(self.kwargs))
@@ -55,18 +61,19 @@ class _Catcher(nn.Module):
         self.n_windows = n_windows
         self.buffer: Tensor | None = None
         self.kwargs: list[dict] = []
+        self.args: list[tuple] = []
         self.filled = 0
 
     def forward(self, hidden: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
-        if args:
-            raise RuntimeError("block called with positional extras; extend the adapter")
         if self.buffer is None:
             self.buffer = hidden.new_empty((self.n_windows, *hidden.shape[1:]))  # (windows, seq, dim)
         self.buffer[self.filled:self.filled + hidden.shape[0]] = hidden.detach()
         self.filled += hidden.shape[0]
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
+        if "use_cache" in kwargs or not args:
+            kwargs["use_cache"] = False
         self.kwargs.append(kwargs)
+        self.args.append(tuple(args))  # e.g. BERT passes its attention mask positionally
         raise _StopForward
 
 
@@ -86,7 +93,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor,
     finally:
         layers[0] = catcher.inner
     assert catcher.buffer is not None and catcher.filled == windows.shape[0]
-    return CalibState(catcher.buffer, catcher.kwargs, batch_size)
+    return CalibState(catcher.buffer, catcher.kwargs, batch_size, catcher.args)
 
 
 def block_output(out: object) -> Tensor:
@@ -133,7 +140,7 @@ class LayerContext:
             with torch.no_grad():
                 for b in self.state.batches():
                     try:
-                        self.layer(self.state.batch(b), **self.state.kwargs[b])
+                        self.state.call(self.layer, b, self.state.batch(b))
                     except _StopForward:
                         pass
         finally:
@@ -165,7 +172,7 @@ class LayerContext:
             with torch.no_grad():
                 for b in self.state.batches():
                     x = self.state.batch(b)
-                    x.copy_(block_output(self.layer(x, **self.state.kwargs[b])))
+                    x.copy_(block_output(self.state.call(self.layer, b, x)))
         finally:
             for h in handles:
                 h.remove()
@@ -177,7 +184,7 @@ class LayerContext:
         with torch.no_grad(), dense_cache(self.layer):
             for b in self.state.batches():
                 x = self.state.batch(b)
-                x.copy_(block_output(self.layer(x, **self.state.kwargs[b])))
+                x.copy_(block_output(self.state.call(self.layer, b, x)))
 
 
 def _make_hook(fn: Callable[[Tensor], None], stop: bool):

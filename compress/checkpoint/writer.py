@@ -58,7 +58,7 @@ class _Shard:
 
     def add(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self.entries[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self.nbytes, self.nbytes + len(raw)]}
         self.fh.write(raw)

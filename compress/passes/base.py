@@ -43,7 +43,6 @@ class Pass(ABC):
     """Base class; subclasses are registered with :func:`compress.registry.register_pass`."""
 
     name: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

@@ -159,7 +159,8 @@ def test_output_paths(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.Monk
     assert code == 0 and not (existing / "keep.txt").exists()
 
 
-@pytest.mark.parametrize("content,needle", [("", "empty"), ("just a few words\n", "fewer than one")])
+@pytest.mark.parametrize("content,needle", [("", "empty"), ("a\nfew\nshort\nlines\n", "fewer than one"),
+                                            ("only one line\n", "no calibration lines")])
 def test_bad_corpus(content: str, needle: str, tiny_llama: Path, tmp_path: Path,
                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "c.txt"
@@ -170,11 +171,16 @@ def test_bad_corpus(content: str, needle: str, tiny_llama: Path, tmp_path: Path,
     _assert_clean_failure(code, err, out, needle)
 
 
-def test_ctrl_c_leaves_no_output(tiny_llama: Path, tmp_path: Path) -> None:
+def test_ctrl_c_leaves_no_output(tmp_path: Path) -> None:
+    from tests.conftest import make_llama
+
+    src = make_llama(tmp_path / "deep", layers=24)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", "import cli; cli.main()", "gptq", str(tiny_llama), "-o", str(out),
-           "--protocol", "brown-512", "--n-samples", "64", "--seq-len", "128"]
+    # background jobs inherit SIGINT=ignored; restore Python's handler as a terminal would have it
+    boot = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); import cli; cli.main()"
+    cmd = [sys.executable, "-c", boot, "gptq", str(src), "-o", str(out),
+           "--protocol", "brown-512", "--n-samples", "512", "--seq-len", "256"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -63,7 +63,8 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
 def test_registry_lists_builtin_passes() -> None:
     passes = all_passes()
     assert {"rtn", "gptq"} <= set(passes)
-    assert get_pass("gptq").needs_calibration and not get_pass("rtn").needs_calibration
+    gptq, rtn = get_pass("gptq"), get_pass("rtn")
+    assert gptq.calibrates(gptq.config_cls()) and not rtn.calibrates(rtn.config_cls())
     with pytest.raises(CompressError, match="unknown pass"):
         get_pass("zzz")
 
