@@ -314,7 +314,11 @@ def main() -> None:
     """Console entry point: one line and exit code 2 for user errors, no tracebacks."""
     _register_pass_commands()
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)  # Typer returns exit codes (Ctrl-C → 130) in this mode
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                console.print("[red]interrupted[/red]: no output was written")
+            sys.exit(rv)
     except CompressError as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
