@@ -87,6 +87,8 @@ def _option_type(annotation: Any) -> tuple[Any, str]:
     non_none = [a for a in args if a is not type(None)]
     if non_none and len(non_none) == 1:
         return Optional[non_none[0]], ""
+    if str in non_none:  # e.g. `dict | str`: the command line passes the string form (a path)
+        return Optional[str], ""
     return Optional[annotation], ""
 
 

@@ -2,6 +2,7 @@
 manifest entry's ``kind`` to the module that serves it."""
 
 from compress.modules.kinds import MODULE_KINDS, build_module, register_kind
+from compress.modules.lowrank import LowRankLinear
 from compress.modules.quant_linear import QuantLinear
 
-__all__ = ["MODULE_KINDS", "QuantLinear", "build_module", "register_kind"]
+__all__ = ["MODULE_KINDS", "LowRankLinear", "QuantLinear", "build_module", "register_kind"]

@@ -1,0 +1,122 @@
+"""LowRankLinear: a linear layer stored as two factors, ``y = (x U) V + b``.
+
+Whole-matrix layout (``heads == 1``): ``U [in, r]``, ``V [r, out]``, served by
+:func:`kernels.lowrank.lowrank_matmul` (the rank-space tile stays on chip on CUDA; the CPU twin
+bounds it to a row chunk).
+
+Per-head layout (q/k/v with ``heads > 1``): ``U [in, heads·r]`` (head ``h``'s basis in columns
+``h·r … (h+1)·r − 1``) and ``V [heads, r, head_dim]``; head ``h``'s output is ``(x U_h) V_h``.
+It stores ``heads·r·(in + head_dim)`` numbers. The FlashSVD attention block consumes it through
+:meth:`LowRankLinear.stacked_v` (the block-diagonal ``[heads·r, heads·head_dim]`` form).
+
+Checkpoint tensors: ``<name>.U``, ``<name>.V`` (and ``<name>.bias``); the manifest entry carries
+``kind: lowrank``, the dense shape, the rank and the layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from compress.modules.kinds import register_kind
+from kernels._triton import use_triton
+from kernels.lowrank import lowrank_matmul
+
+
+class LowRankLinear(nn.Module):
+    """``y ≈ x Wᵀ + b`` with ``Wᵀ = U V`` (whole) or per-head blocks ``U_h V_h``.
+
+    Args:
+        in_features / out_features: dense shape.
+        rank: rank (per head when ``heads > 1``).
+        heads: 1 for a whole-matrix factorisation, else the number of heads (``out`` splits
+            into ``heads`` blocks of ``out // heads``).
+        bias: keep a dense bias; dtype: dtype of the factors.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, heads: int = 1,
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if heads < 1 or out_features % heads:
+            raise ValueError(f"out_features={out_features} does not split into {heads} heads")
+        self.in_features, self.out_features, self.rank, self.heads = in_features, out_features, rank, heads
+        kw = {"dtype": dtype, "device": device}
+        self.U = nn.Parameter(torch.zeros(in_features, heads * rank, **kw), requires_grad=False)
+        v_shape = (rank, out_features) if heads == 1 else (heads, rank, out_features // heads)
+        self.V = nn.Parameter(torch.zeros(*v_shape, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_factors(cls, U: Tensor, V: Tensor, bias: Tensor | None, dtype: torch.dtype) -> LowRankLinear:
+        """Wrap factors: ``U [in, r]``/``V [r, out]`` or per-head ``U [in, H·r]``/``V [H, r, hd]``."""
+        heads = 1 if V.dim() == 2 else V.shape[0]
+        rank = V.shape[-2]
+        out_f = V.shape[1] if heads == 1 else heads * V.shape[2]
+        m = cls(U.shape[0], out_f, rank, heads=heads, bias=bias is not None, dtype=dtype)
+        m.U.data = U.detach().to(dtype).contiguous()
+        m.V.data = V.detach().to(dtype).contiguous()
+        if bias is not None:
+            m.bias.data = bias.detach().to(dtype).clone()  # type: ignore[union-attr]
+        return m
+
+    @property
+    def head_dim(self) -> int:
+        return self.out_features // self.heads
+
+    def coefficients(self, x: Tensor) -> Tensor:
+        """Rank-space coefficients ``x U``: ``[..., in] -> [..., heads·r]``."""
+        return x @ self.U.to(x.dtype)
+
+    def stacked_v(self) -> Tensor:
+        """``V`` as one ``[heads·r, out]`` matrix (block-diagonal for the per-head layout)."""
+        if self.heads == 1:
+            return self.V
+        return torch.block_diag(*self.V.unbind(0))  # [H, r, hd] -> [H·r, H·hd]
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The ``[out, in]`` weight these factors stand for."""
+        dt = dtype or self.U.dtype
+        return (self.U.to(dt) @ self.stacked_v().to(dt)).T
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.heads == 1:
+            return lowrank_matmul(x, self.U, self.V, self.bias)
+        t = self.coefficients(x)  # [..., H·r]
+        t = t.view(*x.shape[:-1], self.heads, self.rank)  # [..., H, r]
+        y = torch.einsum("...hr,hrd->...hd", t, self.V.to(x.dtype))  # [..., H, hd]
+        y = y.reshape(*x.shape[:-1], self.out_features)  # [..., H·hd]
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    @torch.no_grad()
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Float64 reference of :meth:`forward`: ``x · (U V) + b`` through the dense product
+        (no kernel or twin), as the ``compress validate`` protocol asks."""
+        y = x.to(torch.float64) @ self.dense_weight(torch.float64).T
+        return y if self.bias is None else y + self.bias.to(torch.float64)
+
+    def kernel_path(self, x: Tensor) -> str:
+        """The code path ``forward(x)`` takes (the ``compress validate`` protocol)."""
+        if self.heads > 1:
+            return "per-head torch einsum"
+        return "triton lowrank" if use_triton(x) else "torch twin · lowrank"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, heads={self.heads}, bias={self.bias is not None}")
+
+    def manifest_entry(self) -> dict:
+        return {"kind": "lowrank", "layout": "whole" if self.heads == 1 else "per_head",
+                "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "heads": self.heads, "bias": self.bias is not None}
+
+
+@register_kind("lowrank")
+def _build_lowrank(original: nn.Module, entry: dict) -> LowRankLinear:
+    dtype = torch.float32
+    w = getattr(original, "weight", None)
+    if w is not None and w.is_floating_point():
+        dtype = w.dtype
+    return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"],
+                         heads=entry.get("heads", 1), bias=entry.get("bias", False),
+                         dtype=dtype, device="meta")
