@@ -160,7 +160,7 @@ def _embeddings(run: RunContext, the_pass: Pass, writer: CheckpointWriter,
         writer.add_many(state_dict_of(get_module(run.model, path), f"{path}."))
     run.tied_head = run.adapter.head is not None and bool(run.config.get("tie_word_embeddings")) \
         and f"{run.adapter.head}.weight" not in run.reader
-    if not run.tied_head:
+    if not run.tied_head or not the_pass.needs_embeddings_at_finish:
         for path in run.adapter.embeddings:
             release(get_module(run.model, path))
 
@@ -174,7 +174,8 @@ def _blocks(run: RunContext, the_pass: Pass, writer: CheckpointWriter, progress:
         materialize(layer, prefix, run.reader)
         ctx = LayerContext(i, prefix, layer, run.adapter, run.state)
         run.records.extend(the_pass.process_layer(ctx, run))
-        ctx.propagate()
+        if i < n - 1 or the_pass.uses_final_hidden:
+            ctx.propagate()
         _record_modules(run, layer, prefix)
         writer.add_many(state_dict_of(layer, prefix))
         release(layer)

@@ -137,7 +137,7 @@ class LayerContext:
             handles.append(self.module(rel).register_forward_pre_hook(
                 _make_hook(fn, stop=(rel == stop_at))))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), dense_cache(self.layer):
                 for b in self.state.batches():
                     try:
                         self.state.call(self.layer, b, self.state.batch(b))
@@ -169,7 +169,7 @@ class LayerContext:
         handles = [self.module(rel).register_forward_pre_hook(_make_hook(fn, stop=False))
                    for rel, fn in pre_hooks.items()]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), dense_cache(self.layer):
                 for b in self.state.batches():
                     x = self.state.batch(b)
                     x.copy_(block_output(self.state.call(self.layer, b, x)))

@@ -43,6 +43,10 @@ class Pass(ABC):
     """Base class; subclasses are registered with :func:`compress.registry.register_pass`."""
 
     name: ClassVar[str] = ""
+    #: the embeddings stay loaded until ``finish`` (e.g. a pass that rewrites a tied head)
+    needs_embeddings_at_finish: ClassVar[bool] = True
+    #: the last block's outputs are used after the loop (otherwise its propagation is skipped)
+    uses_final_hidden: ClassVar[bool] = True
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from compress.algos.gptq import gptq_quantize, relative_output_error
 from compress.algos.quant import QuantizedWeight, QuantSpec, rtn_quantize, split_rows
 from compress.calib.pipeline import LayerContext
+from compress.calib.staged import run_staged, supports_staged
 from compress.modules.quant_linear import QuantLinear
 from compress.passes.base import Pass, PassConfig
 from compress.registry import register_pass
@@ -93,6 +94,8 @@ def quant_bytes(cfg: QuantConfig, out_f: int, in_f: int, scale_bytes: int = 4) -
 
 class _QuantPass(Pass):
     config: QuantConfig
+    needs_embeddings_at_finish = False
+    uses_final_hidden = False
 
     def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
         return quant_bytes(self.config, out_features, in_features) if self.config.selects(rel_name) else None
@@ -157,8 +160,14 @@ class GPTQPass(_QuantPass):
 
     def process_layer(self, ctx: LayerContext, run: object) -> list[LayerRecord]:
         ctx.hessian_dtype = getattr(torch, self.config.hessian_dtype)
-        groups = _selected_groups(ctx, self.config)
         records: list[LayerRecord] = []
+        if self.config.sequential == "true" and self.config.propagate == "quantized" \
+                and supports_staged(ctx):
+            per_group = [[n for n in g if self.config.selects(n) and isinstance(ctx.module(n), nn.Linear)]
+                         for g in ctx.adapter.groups]
+            run_staged(ctx, per_group, lambda names, H: records.extend(self._group(ctx, names, H)))
+            return records
+        groups = _selected_groups(ctx, self.config)
         if self.config.sequential == "layer" or self.config.propagate == "dense":
             H = ctx.collect([g[0] for g in groups], propagate=self.config.propagate == "dense")
             for g in groups:

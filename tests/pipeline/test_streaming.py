@@ -148,3 +148,19 @@ def test_two_stage_recipe_composes(tiny_llama: Path, tmp_path: Path) -> None:
     hist = m.compress_manifest["history"]
     assert [h["pass"] for h in hist] == ["rtn", "gptq"]
     assert not list(tmp_path.glob(".chain.stages-*"))  # intermediates are cleaned up
+
+
+@pytest.mark.parametrize("model_type,targets", [("llama", []), ("qwen2", ["mlp", "o_proj"])])
+def test_staged_true_sequential_equals_generic_path(model_type: str, targets: list[str], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staged pre-norm path is an optimisation only: bit-identical tensors."""
+    import compress.passes.quantize as quantize
+
+    src = make_llama(tmp_path / "m", layers=3, model_type=model_type)
+    rec = _recipe("gptq", bits=4, group_size=32, sequential="true", targets=targets)
+    staged = run_recipe(rec, src, tmp_path / "staged")
+    monkeypatch.setattr(quantize, "supports_staged", lambda ctx: False)
+    generic = run_recipe(rec, src, tmp_path / "generic")
+    ra, rb = CheckpointReader(staged), CheckpointReader(generic)
+    assert ra.keys() == rb.keys()
+    assert all(torch.equal(ra.get(k), rb.get(k)) for k in ra.keys())
