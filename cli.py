@@ -210,6 +210,12 @@ def _check_gates(gates, out: Path, model: str) -> None:  # noqa: ANN001
 def _print_eval(res) -> None:  # noqa: ANN001
     from rich.table import Table
 
+    if hasattr(res, "cosine_mean"):  # an encoder: sentence-embedding fidelity
+        from compress.eval_encoder import encoder_table
+
+        out_console.print(encoder_table(res))
+        return
+
     t = Table(title=f"evaluation ({res.protocol}, token perplexity)")
     t.add_column("metric")
     t.add_column("value", justify="right")

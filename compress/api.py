@@ -16,11 +16,13 @@ from compress.model import build_skeleton, materialize, reader_manifest, tie_hea
 from compress.recipe import Recipe, load_recipe, parse_recipe
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | Path, *, device: str | torch.device = "cpu", flashsvd: bool = False) -> nn.Module:
     """Rebuild any compress output (any chain of passes) or plain checkpoint as a model.
 
     Compressed modules are swapped for their runtime modules (QuantLinear, ...), which serve
     through the shared kernels. The manifest is attached as ``model.compress_manifest``.
+    ``flashsvd=True`` switches every block whose linears are all low-rank to the fused FlashSVD
+    forward (:func:`compress.modules.flashsvd.enable_flashsvd`).
 
     Example:
         >>> model = compress.load("out/smollm2-w4")
@@ -39,6 +41,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
                             "the checkpoint is incomplete or does not match config.json")
     model.compress_manifest = manifest  # type: ignore[assignment]
     model.compress_adapter = adapter  # type: ignore[assignment]
+    if flashsvd:
+        from compress.modules.flashsvd import enable_flashsvd
+
+        enable_flashsvd(model)
     return model.to(device).eval()
 
 

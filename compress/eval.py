@@ -14,14 +14,19 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compress.arch import get_adapter
 from compress.calib.corpus import load_corpus
 from compress.calib.protocol import eval_windows, get_protocol, split_lines, tokenize_joined
 from compress.checkpoint import CheckpointReader
+
+if TYPE_CHECKING:
+    from compress.eval_encoder import EncoderEvalResult
 
 
 @dataclass
@@ -99,14 +104,21 @@ def _nbytes(info: dict) -> int:
 
 
 def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
-             protocol: str = "brown-512", data: str | None = None) -> EvalResult:
-    """Evaluate ``model_dir`` (and optionally the dense model ``against``) under ``protocol``."""
+             protocol: str = "brown-512", data: str | None = None) -> EvalResult | EncoderEvalResult:
+    """Evaluate ``model_dir`` (and optionally the dense model ``against``) under ``protocol``.
+
+    Encoders (``adapter.causal`` False) get :func:`compress.eval_encoder.evaluate_encoder`.
+    """
     from compress.api import load
     from compress.assets import resolve_model
 
     t0 = time.perf_counter()
     model_dir = resolve_model(str(model_dir))
     reader = CheckpointReader(model_dir)
+    if not get_adapter(reader.config).causal:  # encoders: sentence-embedding fidelity instead
+        from compress.eval_encoder import evaluate_encoder
+
+        return evaluate_encoder(model_dir, against, protocol=protocol, data=data)
     manifest = reader.manifest() or {}
     if against is None and manifest.get("origin") and Path(manifest["origin"]).is_dir():
         against = manifest["origin"]
