@@ -215,7 +215,12 @@ class LowRankPass(Pass):
 
     def _dense_record(self, ctx: LayerContext, name: str, W: Tensor, rank: int | None, t: float) -> LayerRecord:
         nbytes = W.numel() * W.element_size()
-        why = "no rank requested" if rank is None else f"rank {rank} factors are not smaller"
+        if rank is not None:
+            why = f"rank {rank} factors would not be smaller than the dense weight"
+        elif self.config.ratio is not None:
+            why = f"no rank ≥ 1 within ratio {self.config.ratio} is smaller than the dense weight"
+        else:
+            why = "no rank requested"
         return LayerRecord(stage=self.name, layer=ctx.index, module=ctx.prefix + name, kind="dense",
                            bits=8.0 * W.element_size(), error=0.0, time_s=t, bytes=nbytes,
                            params=W.numel(), extra={"reason": why})
