@@ -128,6 +128,7 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
     in_manifest = reader_manifest(reader)
     model = build_skeleton(reader, adapter, in_manifest)
     calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
+    trim()  # the corpus text and tokenizer buffers are garbage now
     t0 = time.perf_counter()
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         run = RunContext(reader, adapter, model, dict(reader.config), None,

@@ -1,0 +1,44 @@
+"""GPTQ/RTN on the real SmolLM2: quality gates, loading back, and plain transformers interop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import compress
+from compress.eval import eval_token_windows, evaluate, score
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gptq_w4_smoke_quality(smollm2: Path, smollm2_w4: Path) -> None:
+    res = evaluate(smollm2_w4, smollm2, protocol="brown-512-smoke")
+    assert res.dense_ppl is not None and res.ppl < 1.35 * res.dense_ppl
+    assert res.top1_agreement > 0.65 and 4.0 < res.effective_bits < 5.0
+    assert res.bytes_on_disk < 0.4 * res.dense_bytes_on_disk
+
+
+def test_plain_transformers_loads_our_int4(smollm2_w4: Path) -> None:
+    """compressed-tensors + transformers read the pack-quantized output; PPL equals ours."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    windows = eval_token_windows(smollm2_w4, "brown-128-smoke", None)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_w4, dtype=torch.float32).eval()
+    ours = compress.load(smollm2_w4)
+    a, b = score(hf, windows), score(ours, windows)
+    ppl_hf, ppl_ours = math.exp(a["nll"] / a["tokens"]), math.exp(b["nll"] / b["tokens"])
+    assert abs(ppl_hf - ppl_ours) / ppl_ours < 0.005
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes" / "ci").glob("*.yaml")), ids=lambda p: p.stem)
+def test_ci_recipes_pass_their_gates(recipe: Path, smollm2: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_cli(["run", str(recipe), str(smollm2), "-o", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 0, out + err
+    assert "gates passed" in err
