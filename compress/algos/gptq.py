@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compress.algos.quant import Grid, QuantizedWeight, QuantSpec, find_grid, pack_grids
+from compress.algos.quant import Grid, QuantizedWeight, QuantSpec, find_grid, group_grids, pack_grids
 from compress.errors import NumericsError
 
 
@@ -135,8 +135,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
 
 def _static_grids(W: Tensor, spec: QuantSpec) -> list[Grid]:
     """One grid per group, computed from the (dead-column-zeroed) original weight."""
-    gw = spec.group_width(W.shape[1])
-    return [find_grid(W[:, g0:g0 + gw], spec) for g0 in range(0, W.shape[1], gw)]
+    return group_grids(W, spec)
 
 
 def relative_output_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:

@@ -135,28 +135,33 @@ class QuantizedWeight:
         return (q * self.scale.float()[:, gidx]).to(dtype)
 
 
+def group_grids(w: Tensor, spec: QuantSpec) -> list[Grid]:
+    """One grid per input-column group of ``w`` ([out, in]), all groups searched at once."""
+    out_f, in_f = w.shape
+    gw = spec.group_width(in_f)
+    full = (in_f // gw) * gw
+    grids: list[Grid] = []
+    if full:
+        blocks = w[:, :full].float().reshape(out_f * (full // gw), gw)  # (out*G, g): one row per group
+        g = find_grid(blocks, spec)
+        scale, zero = g.scale.reshape(out_f, -1), g.zero.reshape(out_f, -1)  # (out, G)
+        grids += [Grid(scale[:, j], zero[:, j]) for j in range(full // gw)]
+    if full < in_f:  # ragged last group
+        grids.append(find_grid(w[:, full:].float(), spec))
+    return grids
+
+
 def rtn_quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantisation of ``w`` ([out, in]) with per-group grids."""
     out_f, in_f = w.shape
     gw = spec.group_width(in_f)
     offset = 1 << (spec.bits - 1)
+    grids = group_grids(w, spec)
     codes = torch.empty(out_f, in_f, dtype=torch.int8)
-    scales, zeros = [], []
-    full = (in_f // gw) * gw
-    if full:
-        blocks = w[:, :full].float().reshape(out_f * (full // gw), gw)  # (out*G, g): one row per group
-        grid = find_grid(blocks, spec)
-        q = quantize_codes(blocks, grid, spec.maxq) - offset
-        codes[:, :full] = q.reshape(out_f, full).to(torch.int8)
-        scales += list(grid.scale.reshape(out_f, -1).unbind(1))
-        zeros += list(grid.zero.reshape(out_f, -1).unbind(1))
-    if full < in_f:  # ragged last group
-        block = w[:, full:].float()
-        grid = find_grid(block, spec)
-        codes[:, full:] = (quantize_codes(block, grid, spec.maxq) - offset).to(torch.int8)
-        scales.append(grid.scale)
-        zeros.append(grid.zero)
-    return pack_grids(codes, scales, zeros, spec)
+    for j, grid in enumerate(grids):
+        block = w[:, j * gw:(j + 1) * gw].float()
+        codes[:, j * gw:(j + 1) * gw] = (quantize_codes(block, grid, spec.maxq) - offset).to(torch.int8)
+    return pack_grids(codes, [g.scale for g in grids], [g.zero for g in grids], spec)
 
 
 def pack_grids(codes: Tensor, scales: list[Tensor], zeros: list[Tensor], spec: QuantSpec,
