@@ -318,6 +318,93 @@ def demo(
     _print_eval(evaluate(out, src, protocol=protocol))
 
 
+# -- serving: validate, bench, generate ----------------------------------------------------
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON here")]
+
+
+@app.command("validate")
+def validate_cmd(
+    model: Annotated[str, typer.Argument(help="compress output or compressed-tensors checkpoint")],
+    tolerance: Annotated[Optional[list[str]], typer.Option(
+        "--tolerance", help="max relative error: VALUE (every dtype) or DTYPE=VALUE (repeatable) "
+                            "[default: fp32=1e-5, bf16=1e-2, fp16=1e-3]", show_default=False)] = None,
+    m: Annotated[Optional[list[int]], typer.Option(
+        "--m", help="rows of each random input (repeatable) [default: 1 3 17 300]", show_default=False)] = None,
+    dtype: Annotated[Optional[list[str]], typer.Option(
+        "--dtype", help="activation dtypes: fp32, bf16, fp16 (repeatable) [default: fp32 bf16]",
+        show_default=False)] = None,
+    seed: SeedOpt = 0,
+    json_path: JsonOpt = None,
+) -> None:
+    """Run every compressed module's kernel path and its float64 reference; exit 1 past tolerance."""
+    from compress.validate import module_table, parse_tolerance, summary_table, validate
+
+    report = validate(model, ms=m, dtypes=dtype, tolerance=parse_tolerance(tolerance), seed=seed)
+    out_console.print(module_table(report))
+    out_console.print(summary_table(report))
+    if json_path is not None:
+        json_path.write_text(report.to_json() + "\n")
+        console.print(f"wrote {json_path}")
+    if not report.ok:
+        bad = len({c.module for c in report.failures}) + len(report.unvalidated)
+        console.print(f"[red]validation failed[/red]: {bad} module(s) past tolerance or without a reference")
+        raise typer.Exit(1)
+    console.print(f"[green]validation passed[/green]: {len(report.checks)} checks")
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="checkpoint dir or asset name (usually compressed)")],
+    against: Annotated[Optional[str], typer.Option(help="dense source [default: the manifest's origin]")] = None,
+    seq: Annotated[Optional[list[int]], typer.Option(
+        "--seq", help="prefill lengths (repeatable) [default: 512 2048]", show_default=False)] = None,
+    decode_tokens: Annotated[int, typer.Option(help="decode steps timed (M = 1 with a KV cache); 0 = skip")] = 32,
+    prompt: Annotated[int, typer.Option(help="prompt tokens that fill the KV cache before decoding")] = 32,
+    repeats: Annotated[int, typer.Option(help="timed runs per phase (median reported)")] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    isolate: Annotated[bool, typer.Option(
+        "--isolate/--in-process", help="fresh process per measurement (clean peak memory) or all in this one")] = True,
+    seed: SeedOpt = 0,
+    json_path: JsonOpt = None,
+) -> None:
+    """Per-layer and end-to-end latency and peak memory, compressed vs dense (prefill and decode)."""
+    from compress.bench import run_bench
+    from compress.bench_report import layer_table, phase_table
+
+    prog, update = _progress()
+    with prog:
+        report = run_bench(model, against, seqs=seq, decode_tokens=decode_tokens, prompt=prompt,
+                           repeats=repeats, device=device, seed=seed, isolate=isolate, progress=update)
+    out_console.print(layer_table(report))
+    out_console.print(phase_table(report))
+    if json_path is not None:
+        json_path.write_text(report.to_json() + "\n")
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="checkpoint dir or asset name (a causal LM)")],
+    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 64,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="sample or take the argmax")] = False,
+    temperature: Annotated[float, typer.Option(help="sampling temperature (with --sample)")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass (with --sample)")] = 0.9,
+    seed: SeedOpt = 0,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Generate text with MODEL served through the shared kernels, so you can see it talk."""
+    from compress.bench import resolve_device
+    from compress.generate import generate as run_generate
+
+    res = run_generate(model, prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                       top_p=top_p, seed=seed, chat=chat, device=resolve_device(device))
+    out_console.print(res.text, markup=False, highlight=False)
+    console.print(f"{res.new_tokens} tokens in {res.seconds:.2f} s ({res.new_tokens / res.seconds:.1f} tok/s), "
+                  f"prompt {res.prompt_tokens} tokens, served by {res.served_by}", highlight=False)
+
+
 def main() -> None:
     """Console entry point: one line and exit code 2 for user errors, no tracebacks."""
     _register_pass_commands()

@@ -47,6 +47,20 @@ def choose_path(m: int, n: int, k: int) -> str:
     return "dequant"
 
 
+def path_label(x: Tensor, n: int, k: int) -> str:
+    """The code path :func:`quant_matmul` takes for ``x [..., k]`` and an ``[n, k]`` weight, as text.
+
+    ``"triton <path>"`` on the Triton backend (``"triton-interpreter <path>"`` under
+    ``TRITON_INTERPRET=1``), else ``"torch twin · planes"`` or ``"torch twin · dequant+matmul"``
+    (the twin's own split at :data:`kernels.quant_matmul_torch.PLANES_MAX_M` rows).
+    """
+    m = x.numel() // k if k else 0
+    if use_triton(x):
+        engine = "triton" if x.is_cuda else "triton-interpreter"
+        return f"{engine} {choose_path(m, n, k)}"
+    return "torch twin · " + ("planes" if m <= _torch.PLANES_MAX_M else "dequant+matmul")
+
+
 def quant_matmul(
     x: Tensor,
     weight_packed: Tensor,

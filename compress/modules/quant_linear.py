@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from compress.algos.quant import QuantizedWeight
 from compress.modules.kinds import register_kind
-from kernels.packing import pack_int32, packed_len
-from kernels.quant_matmul import dequantize, quant_matmul
+from kernels.packing import group_index, pack_int32, packed_len, unpack_int32
+from kernels.quant_matmul import dequantize, path_label, quant_matmul
 
 
 class QuantLinear(nn.Module):
@@ -78,6 +78,30 @@ class QuantLinear(nn.Module):
         return quant_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             bits=self.bits, group_size=self.group_size,
                             in_features=self.in_features, bias=self.bias)
+
+    def reference_weight(self) -> Tensor:
+        """The dense float64 ``[out, in]`` weight, decoded without the kernels or their twin.
+
+        Uses the slow, obvious unpacker of :mod:`kernels.packing`: signed codes minus the zero
+        point, times the group scale, all in float64.
+        """
+        gidx = group_index(self.in_features, self.group_size, self.weight_packed.device)  # [K]
+        q = unpack_int32(self.weight_packed, self.bits, self.in_features).to(torch.float64)  # [N, K]
+        if self.weight_zero_point is not None:
+            zero = unpack_int32(self.weight_zero_point, self.bits, self.out_features, dim=0)  # [N, G]
+            q = q - zero.to(torch.float64)[:, gidx]
+        return q * self.weight_scale.to(torch.float64)[:, gidx]  # [N, K]
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """``x · dequant(W)ᵀ + b`` in float64 plain torch (the ``compress validate`` reference)."""
+        bias = None if self.bias is None else self.bias.to(torch.float64)
+        return torch.nn.functional.linear(x.to(torch.float64), self.reference_weight(), bias)
+
+    def kernel_path(self, x: Tensor) -> str:
+        """The code path ``forward(x)`` takes (see :func:`kernels.quant_matmul.path_label`)."""
+        if self._dense is not None:
+            return "dense cache"
+        return path_label(x, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,359 @@
+"""``compress bench``: latency and peak memory of a compressed model against its dense source.
+
+Phases (every one measured for the compressed model and, when known, its dense source, one after
+the other so that both see the same machine load; the figure that matters is their ratio):
+
+* ``prefill`` — one forward over ``seq`` random token ids (``use_cache=False``; for causal LMs
+  only the last position's logits are computed, as a server does before decoding);
+* ``decode`` — a ``prompt`` of random ids fills the KV cache, then ``tokens`` greedy steps of
+  one token each (M = 1 through every linear); latency is the median time of one step.
+
+Latency is the median over ``repeats`` runs after one warm-up run (decode: over all measured
+steps). Per-layer latency is the median time of each block (forward pre-/post-hooks). On CPU
+the clock is ``time.perf_counter``; on CUDA the device is synchronised at every reading, and
+per-block times come from separate hooked runs so the end-to-end figure has no extra syncs.
+
+Memory (:data:`MEMORY_METHOD`): every (model, phase) runs in a fresh Python process
+(``python -m compress.bench``), so no allocator state leaks between measurements.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+MEMORY_METHOD = (
+    "CPU: fresh process per (model, phase); after compress.load the resident set (VmRSS) is read "
+    "and the kernel's peak-RSS mark is reset (5 > /proc/self/clear_refs); peak = VmHWM after the "
+    "phase (warm-up included), transient = peak - loaded. CUDA: memory_allocated after load, "
+    "max_memory_allocated after reset_peak_memory_stats.")
+
+
+@dataclass
+class PhaseResult:
+    """One (model, phase) measured in its own process."""
+
+    phase: str
+    tokens: int
+    latency_s: float
+    tokens_per_s: float
+    latencies_s: list[float]
+    loaded_bytes: int
+    peak_bytes: int
+    transient_bytes: int
+    weight_bytes: int
+    blocks_s: dict[str, float]
+    block_weight_bytes: dict[str, int]
+    threads: int
+
+
+@dataclass
+class BenchReport:
+    """Compressed vs dense, per phase and per block."""
+
+    model: str
+    against: str | None
+    device: str
+    memory_method: str
+    repeats: int
+    machine: dict[str, Any]
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+# -- the child process ---------------------------------------------------------------------
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def _memory(device: torch.device) -> tuple[int, int]:
+    """(currently held, peak since the last reset) in bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    return _status_bytes("VmRSS"), _status_bytes("VmHWM")
+
+
+class _Clock:
+    """Wall clock that waits for the device first."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class BlockTimer:
+    """Per-block wall times via forward pre-/post-hooks (recording only while ``on``)."""
+
+    def __init__(self, blocks: nn.ModuleList, prefix: str, clock: _Clock) -> None:
+        self.on, self.armed, self.clock = False, False, clock
+        self.times: dict[str, list[float]] = {f"{prefix}.{i}": [] for i in range(len(blocks))}
+        self._start: dict[str, float] = {}
+        self.handles = []
+        for name, block in zip(self.times, blocks):
+            self.handles.append(block.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(block.register_forward_hook(self._post(name)))
+
+    def _pre(self, name: str):  # noqa: ANN202
+        def hook(*_: Any) -> None:
+            if self.on:
+                self._start[name] = self.clock()
+        return hook
+
+    def _post(self, name: str):  # noqa: ANN202
+        def hook(*_: Any) -> None:
+            if self.on:
+                self.times[name].append(self.clock() - self._start[name])
+        return hook
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.times.items() if v}
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``logits_to_keep=1`` where the model accepts it (a server needs the last logits only)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+@torch.inference_mode()
+def measure(model_dir: str, phase: str, tokens: int, *, repeats: int = 3, prompt: int = 32,
+            device: str = "cpu", seed: int = 0) -> PhaseResult:
+    """Load ``model_dir`` and time one phase in this process (run by the child process)."""
+    from compress.api import load
+    from compress.model import get_module
+
+    dev = torch.device(device)
+    model = load(model_dir, device=dev)
+    adapter = model.compress_adapter
+    blocks = get_module(model, adapter.layers)
+    clock = _Clock(dev)
+    timer = BlockTimer(blocks, adapter.layers, clock)
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    loaded, _ = _memory(dev)
+    _reset_peak(dev)
+    if phase == "prefill":
+        ids = torch.randint(vocab, (1, tokens), generator=gen).to(dev)
+        kw = _forward_kwargs(model)
+        kw.update({"use_cache": False} if adapter.causal else {})
+
+        def run() -> list[float]:
+            timer.on = timer.armed
+            t0 = clock()
+            model(input_ids=ids, **kw)
+            t = clock() - t0
+            timer.on = False
+            return [t]
+    else:
+        ids = torch.randint(vocab, (1, prompt), generator=gen).to(dev)
+
+        def run() -> list[float]:
+            out = model(input_ids=ids, use_cache=True, **_forward_kwargs(model))
+            steps = []
+            for _ in range(tokens):
+                nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]
+                timer.on = timer.armed
+                t0 = clock()
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                steps.append(clock() - t0)
+                timer.on = False
+            return steps
+    run()  # warm-up
+    timer.armed = not clock.cuda  # CPU: hooks cost ~1 us per block, record during the timed runs
+    lat = [t for _ in range(repeats) for t in run()]
+    if clock.cuda:  # per-block times from separate hooked runs: no syncs inside the timed ones
+        timer.armed = True
+        for _ in range(repeats):
+            run()
+    _, peak = _memory(dev)
+    med = statistics.median(lat)
+    return PhaseResult(phase=phase, tokens=tokens, latency_s=med,
+                       tokens_per_s=(tokens if phase == "prefill" else 1) / med, latencies_s=lat,
+                       loaded_bytes=loaded, peak_bytes=peak, transient_bytes=max(peak - loaded, 0),
+                       weight_bytes=_nbytes(model), blocks_s=timer.medians(),
+                       block_weight_bytes={f"{adapter.layers}.{i}": _nbytes(b) for i, b in enumerate(blocks)},
+                       threads=torch.get_num_threads())
+
+
+def _child_main(argv: list[str]) -> None:
+    args = json.loads(argv[0])
+    res = measure(args.pop("model_dir"), args.pop("phase"), args.pop("tokens"), **args)
+    print(json.dumps(asdict(res)))
+
+
+# -- the parent ----------------------------------------------------------------------------
+def run_child(model_dir: Path, phase: str, tokens: int, *, repeats: int, prompt: int, device: str,
+              seed: int) -> PhaseResult:
+    """Measure one (model, phase) in a fresh ``python -m compress.bench`` process."""
+    args = {"model_dir": str(model_dir), "phase": phase, "tokens": tokens, "repeats": repeats,
+            "prompt": prompt, "device": device, "seed": seed}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "compress.bench", json.dumps(args)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child for {model_dir} ({phase} {tokens}) failed with {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+    return PhaseResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def machine_facts() -> dict[str, Any]:
+    """CPU model, cores, threads, versions and the GPU name (if any) the figures were taken on."""
+    import platform
+
+    cpu = "unknown"
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _in_process(model_dir: Path, phase: str, tokens: int, **kw: Any) -> PhaseResult:
+    return measure(str(model_dir), phase, tokens, **kw)
+
+
+def device_label(device: str) -> str:
+    """What serves the linears on ``device``: ``"CPU, torch twins"``, ``"<GPU name>, Triton"``, ..."""
+    from kernels._triton import use_triton
+
+    dev = torch.device(device)
+    triton = use_triton(torch.empty(0, device=dev))
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}, {'Triton' if triton else 'torch twins'}"
+    return "CPU, Triton interpreter" if triton else "CPU, torch twins"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda but no CUDA device is available", "use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise CompressError(f"unknown --device {device!r}", "use auto, cpu or cuda")
+    return device
+
+
+def _check_sizes(reader, seqs: list[int], decode_tokens: int, prompt: int, repeats: int) -> None:  # noqa: ANN001
+    if not seqs or min(seqs) < 1 or decode_tokens < 0 or prompt < 1 or repeats < 1:
+        raise CompressError("--seq, --prompt and --repeats must be positive and --decode-tokens >= 0",
+                            "e.g. --seq 512 --seq 2048 --decode-tokens 32 --repeats 3")
+    ctx = reader.config.get("max_position_embeddings")
+    longest = max(max(seqs), prompt + decode_tokens)
+    if ctx and longest > int(ctx):
+        raise CompressError(f"{longest} tokens exceed the model's context of {ctx} tokens",
+                            f"pass --seq / --prompt + --decode-tokens of at most {ctx}")
+
+
+def _default_against(reader) -> Path | None:  # noqa: ANN001
+    origin = (reader.manifest() or {}).get("origin")
+    return Path(origin) if origin and Path(origin).is_dir() and (Path(origin) / "config.json").is_file() else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def run_bench(model: str | Path, against: str | Path | None = None, *, seqs: list[int] | None = None,
+              decode_tokens: int = 32, prompt: int = 32, repeats: int = 3, device: str = "auto",
+              seed: int = 0, isolate: bool = True, progress=None) -> BenchReport:  # noqa: ANN001
+    """Benchmark ``model`` (and its dense source ``against``, default: the manifest's origin).
+
+    ``isolate=False`` measures in this process (faster; the memory figures then include what
+    earlier phases left in the allocator, so they are upper bounds).
+    """
+    from compress.arch import get_adapter
+    from compress.assets import resolve_model
+    from compress.checkpoint import CheckpointReader
+
+    seqs = list(seqs or [512, 2048])
+    device = resolve_device(device)
+    model_dir = resolve_model(str(model))
+    reader = CheckpointReader(model_dir)
+    adapter = get_adapter(reader.config)
+    _check_sizes(reader, seqs, decode_tokens, prompt, repeats)
+    dense_dir = resolve_model(str(against)) if against is not None else _default_against(reader)
+    if dense_dir is not None:
+        CheckpointReader(dense_dir)  # fail early and cleanly on a bad --against
+    phases = [("prefill", s) for s in seqs] + ([("decode", decode_tokens)] if adapter.causal and decode_tokens else [])
+    targets = [("compressed", model_dir)] + ([("dense", dense_dir)] if dense_dir is not None else [])
+    method = MEMORY_METHOD if isolate else MEMORY_METHOD.replace("fresh process per (model, phase)",
+                                                                "in-process (--in-process)")
+    report = BenchReport(str(model_dir), str(dense_dir) if dense_dir else None, device_label(device),
+                         method, repeats, machine_facts())
+    done, total = 0, len(phases) * len(targets)
+    for phase, tokens in phases:
+        res: dict[str, PhaseResult] = {}
+        for label, path in targets:
+            if progress:
+                progress(done, total, f"{label}: {phase} {tokens}")
+            run = run_child if isolate else _in_process
+            res[label] = run(path, phase, tokens, repeats=repeats, prompt=prompt, device=device, seed=seed)
+            done += 1
+        report.phases.append(_phase_row(phase, tokens, res))
+        report.layers += _layer_rows(phase, tokens, res)
+    if progress:
+        progress(total, total, "done")
+    return report
+
+
+def _phase_row(phase: str, tokens: int, res: dict[str, PhaseResult]) -> dict[str, Any]:
+    c, d = res["compressed"], res.get("dense")
+    row: dict[str, Any] = {"phase": phase, "tokens": tokens, "compressed": asdict(c) | {"blocks_s": None},
+                           "dense": None if d is None else asdict(d) | {"blocks_s": None}}
+    row["latency_ratio"] = _ratio(c.latency_s, d.latency_s if d else None)
+    row["peak_ratio"] = _ratio(c.peak_bytes, d.peak_bytes if d else None)
+    row["transient_ratio"] = _ratio(c.transient_bytes, d.transient_bytes if d else None)
+    return row
+
+
+def _layer_rows(phase: str, tokens: int, res: dict[str, PhaseResult]) -> list[dict[str, Any]]:
+    c, d = res["compressed"], res.get("dense")
+    rows = []
+    for name, t in c.blocks_s.items():
+        dt = d.blocks_s.get(name) if d else None
+        rows.append({"layer": name, "phase": phase, "tokens": tokens, "compressed_s": t, "dense_s": dt,
+                     "latency_ratio": _ratio(t, dt), "compressed_weight_bytes": c.block_weight_bytes.get(name),
+                     "dense_weight_bytes": d.block_weight_bytes.get(name) if d else None})
+    return rows
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])
