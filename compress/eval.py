@@ -92,15 +92,8 @@ def compressed_size(reader: CheckpointReader, manifest: dict) -> tuple[float | N
         params += int(entry["in_features"]) * int(entry["out_features"])
         for key in reader.keys():
             if key.startswith(name + ".") and not key.endswith(".bias"):
-                info = reader._info(key)
-                bits += 8 * _nbytes(info)
+                bits += 8 * reader.nbytes(key)
     return (bits / params if params else None), params
-
-
-def _nbytes(info: dict) -> int:
-    from compress.checkpoint.reader import _ST_DTYPE_BYTES, _numel
-
-    return _ST_DTYPE_BYTES.get(info["dtype"], 1) * _numel(info["shape"])
 
 
 def evaluate(model_dir: str | Path, against: str | Path | None = None, *,

@@ -11,7 +11,6 @@ from rich.table import Table
 from compress.arch import Adapter, get_adapter
 from compress.assets import resolve_model
 from compress.checkpoint import CheckpointReader
-from compress.checkpoint.reader import _ST_DTYPE_BYTES, _numel
 from compress.model import reader_manifest
 from compress.recipe import Recipe
 from compress.registry import get_pass
@@ -21,8 +20,7 @@ RUNTIME_BYTES = 450 * 1024**2  # torch + transformers imported, measured on CPU 
 
 
 def _tensor_bytes(reader: CheckpointReader, key: str) -> int:
-    info = reader._info(key)
-    return _ST_DTYPE_BYTES.get(info["dtype"], 1) * _numel(info["shape"])
+    return reader.nbytes(key)
 
 
 def describe(model: str) -> Table:
@@ -34,7 +32,7 @@ def describe(model: str) -> Table:
     t = Table(title=f"{reader.path}")
     t.add_column("field")
     t.add_column("value")
-    params = sum(_numel(reader._info(k)["shape"]) for k in reader.keys())
+    params = sum(reader.numel(k) for k in reader.keys())
     kinds = Counter(e.get("kind") for e in manifest.get("modules", {}).values())
     rows = [("model_type", str(cfg.get("model_type"))), ("adapter", adapter.name),
             ("blocks", str(cfg.get("num_hidden_layers"))), ("hidden size", str(cfg.get("hidden_size"))),

@@ -137,6 +137,14 @@ class CheckpointReader:
     def _info(self, name: str) -> dict:
         return self._headers[self._shard_of[name]][name]
 
+    def nbytes(self, name: str) -> int:
+        """Stored bytes of one tensor (from the header; nothing is read)."""
+        info = self._info(name)
+        return _ST_DTYPE_BYTES.get(info["dtype"], 1) * _numel(info["shape"])
+
+    def numel(self, name: str) -> int:
+        return _numel(self._info(name)["shape"])
+
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (a fresh CPU tensor; nothing else is read)."""
         return self.get_many([name])[name]
