@@ -203,6 +203,18 @@ def _enable_bert(layer: nn.Module, prefix: str, rep: FlashReport) -> None:
             rep.skipped.append(f"{prefix}attention.self: q/k/v are not all low-rank")
 
 
+def enable_flashsvd_block(layer: nn.Module, family: str, prefix: str = "",
+                          report: FlashReport | None = None) -> FlashReport:
+    """Switch the eligible parts of one block (``family`` = adapter name: llama or bert)."""
+    enable = {"llama": _enable_llama, "bert": _enable_bert}.get(family)
+    if enable is None:
+        raise CompressError(f"FlashSVD serving does not support {family!r} models",
+                            "load without flashsvd=True")
+    report = report if report is not None else FlashReport()
+    enable(layer, prefix, report)
+    return report
+
+
 def enable_flashsvd(model: nn.Module, *, require: bool = True) -> FlashReport:
     """Switch every eligible block of ``model`` to its fused FlashSVD forward (in place).
 
@@ -212,14 +224,10 @@ def enable_flashsvd(model: nn.Module, *, require: bool = True) -> FlashReport:
     from compress.arch import get_adapter
 
     adapter = getattr(model, "compress_adapter", None) or get_adapter(model.config.to_dict())
-    enable = {"llama": _enable_llama, "bert": _enable_bert}.get(adapter.name)
-    if enable is None:
-        raise CompressError(f"FlashSVD serving does not support {adapter.name!r} models",
-                            "load without flashsvd=True")
     rep = FlashReport()
     layers = model.get_submodule(adapter.layers)
     for i, layer in enumerate(layers):
-        enable(layer, adapter.layer_prefix(i), rep)
+        enable_flashsvd_block(layer, adapter.name, adapter.layer_prefix(i), rep)
     if require and rep.total == 0:
         raise CompressError("no block has all-low-rank linears to fuse",
                             "compress the model with `compress lowrank` first")
@@ -242,4 +250,5 @@ def is_fused(mod: nn.Module) -> bool:
     return hasattr(type(mod), "_flashsvd_base")
 
 
-__all__ = ["FlashReport", "disable_flashsvd", "enable_flashsvd", "is_fused", "key_padding_from_mask"]
+__all__ = ["FlashReport", "disable_flashsvd", "enable_flashsvd", "enable_flashsvd_block", "is_fused",
+           "key_padding_from_mask"]

@@ -141,8 +141,8 @@ class LowRankPass(Pass):
         return min(in_f, out_f)
 
     def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
-        names = [n for n in ctx.adapter.linears
-                 if self.config.selects(n) and isinstance(ctx.module(n), nn.Linear)]
+        names = [n for n in ctx.adapter.linears if self.config.selects(n)
+                 and isinstance(ctx.module(n), nn.Linear) and self._wanted(ctx.prefix + n)]
         grams: dict[str, Tensor] = {}
         if self.config.whiten and names:
             firsts = [g[0] for g in ctx.adapter.groups if any(n in names for n in g)]
@@ -159,6 +159,11 @@ class LowRankPass(Pass):
                 white = whites[id(G)]
             records.append(self._factor(ctx, name, G, white))
         return records
+
+    def _wanted(self, full: str) -> bool:
+        """Whether a rule asks for this linear (with only explicit ranks, the rest is untouched)."""
+        c = self.config
+        return c.ratio is not None or c.energy is not None or full in c.explicit_ranks()
 
     def _factor(self, ctx: LayerContext, name: str, G: Tensor | None,
                 white: svd.Whitening | None) -> LayerRecord:
@@ -217,10 +222,8 @@ class LowRankPass(Pass):
         nbytes = W.numel() * W.element_size()
         if rank is not None:
             why = f"rank {rank} factors would not be smaller than the dense weight"
-        elif self.config.ratio is not None:
-            why = f"no rank ≥ 1 within ratio {self.config.ratio} is smaller than the dense weight"
         else:
-            why = "no rank requested"
+            why = f"no rank ≥ 1 within ratio {self.config.ratio} is smaller than the dense weight"
         return LayerRecord(stage=self.name, layer=ctx.index, module=ctx.prefix + name, kind="dense",
                            bits=8.0 * W.element_size(), error=0.0, time_s=t, bytes=nbytes,
                            params=W.numel(), extra={"reason": why})
