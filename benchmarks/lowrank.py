@@ -18,7 +18,10 @@ Writes benchmarks/results/lowrank.json (summarised in BENCHMARKS.md). Sections:
   (``/proc/self/clear_refs`` ← 5), then one timed forward; transient memory = ``VmHWM`` after the
   forward − ``VmRSS`` before it (everything the forward allocated, output included).
 
-Usage: python benchmarks/lowrank.py [--sections exactness,quality,memory] [--resume]
+* ``ablation``: MiniLM whitened with Gram matrices from the calibration windows vs from
+  calibration sentences encoded as served (see :func:`encoder_calibration_ablation`).
+
+Usage: python benchmarks/lowrank.py [--sections quality,exactness,ablation,memory] [--resume]
 """
 
 from __future__ import annotations
@@ -311,18 +314,112 @@ def fused_exactness() -> dict:
     return {"max_rel_err_fp32": out, "tolerance": 1e-4}
 
 
+# -- encoder calibration ablation -----------------------------------------------------------------
+def _dense_grams(model, adapter, feed) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Mean ``XᵀX`` (float64) of every group's input in the *dense* model, rows where the
+    current ``feed.mask`` is 1 (all rows when it is None)."""
+    sums: dict[str, list] = {}
+    hooks = []
+    layers = model.get_submodule(adapter.layers)
+    for i, layer in enumerate(layers):
+        for g in adapter.groups:
+            name = f"{adapter.layer_prefix(i)}{g[0]}"
+            sums[name] = [0.0, 0]
+
+            def hook(_m, a, name=name):  # noqa: ANN001, ANN202
+                x = a[0].reshape(-1, a[0].shape[-1]).double()  # [rows, in]
+                if feed.mask is not None:
+                    x = x[feed.mask.reshape(-1).bool()]
+                sums[name][0] = sums[name][0] + x.T @ x
+                sums[name][1] += x.shape[0]
+            hooks.append(layer.get_submodule(g[0]).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        feed()
+    for h in hooks:
+        h.remove()
+    return {k: v[0] / v[1] for k, v in sums.items()}
+
+
+def encoder_calibration_ablation() -> dict:
+    """MiniLM whitened at ratios 0.8 / 0.5 with Gram matrices from (a) the pass's calibration
+    windows (brown-512: 128 × 512 tokens of joined text, one [CLS] per document) and (b) 4096
+    calibration *sentences* encoded as the model serves them ([CLS] s [SEP], padded, padded rows
+    excluded). Both factor every linear from the dense model's Grams (no propagation), damp
+    1e-4; cosine under brown-sentences-512. Isolates the effect of the calibration inputs."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from compress.algos import svd
+    from compress.api import load
+    from compress.assets import materialize
+    from compress.calib.corpus import load_corpus
+    from compress.calib.protocol import get_protocol, split_lines
+    from compress.checkpoint import CheckpointReader
+    from compress.eval_encoder import SENTENCE_PROTOCOLS, cosine_stats, embed, eval_sentences
+    from compress.recipe import CalibrationConfig
+    from compress.runner import load_calibration
+
+    src = materialize(MODELS["minilm"])
+    tok = AutoTokenizer.from_pretrained(src)
+    dense = load(src)
+    adapter = dense.compress_adapter
+    proto = SENTENCE_PROTOCOLS["brown-sentences-512"]
+    ref = embed(dense, tok, eval_sentences(proto, None), proto)
+    calib_lines = split_lines(load_corpus(None)[0], get_protocol("brown-512"))[0][:4096]
+
+    class Windows:
+        mask = None
+
+        def __call__(self) -> None:
+            cal = load_calibration(src, CalibrationConfig(), CheckpointReader(src).config)
+            for b in cal.windows.split(8):
+                dense(input_ids=b)
+
+    class Sentences:
+        mask = None
+
+        def __call__(self) -> None:
+            for i in range(0, len(calib_lines), 32):
+                enc = tok(calib_lines[i:i + 32], padding=True, truncation=True, max_length=256,
+                          return_tensors="pt")
+                self.mask = enc["attention_mask"]
+                dense(**enc)
+
+    grams = {"windows": _dense_grams(dense, adapter, Windows()),
+             "sentences": _dense_grams(dense, adapter, Sentences())}
+    rows = []
+    for ratio in (0.8, 0.5):
+        for source, G in grams.items():
+            model = copy.deepcopy(dense)
+            layers = model.get_submodule(adapter.layers)
+            for i, layer in enumerate(layers):
+                for g in adapter.groups:
+                    for n in g:
+                        lin = layer.get_submodule(n)
+                        W = lin.weight.detach()
+                        r = svd.rank_for_ratio(W.shape[1], W.shape[0], ratio)
+                        gram = G[f"{adapter.layer_prefix(i)}{g[0]}"]
+                        lin.weight.data = svd.truncated_svd(W, r, gram, 1e-4).weight().float()
+            stats = cosine_stats(embed(model, tok, eval_sentences(proto, None), proto), ref)
+            print(f"ablation ratio {ratio} grams from {source}: cosine {stats['mean']:.5f}", flush=True)
+            rows.append({"ratio": ratio, "gram_source": source, "protocol": proto.name, **stats})
+    return {"rows": rows, "note": encoder_calibration_ablation.__doc__}
+
+
 # -- driver ---------------------------------------------------------------------------------------
 def _checkpoint(section: str, value: object) -> None:
     path = RESULTS / f"{NAME}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[section] = value
+    data.pop("command", None)  # superseded by per-section "commands"
     data["machine"] = machine()
     save(NAME, data)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="quality,exactness,memory")
+    ap.add_argument("--sections", default="quality,exactness,ablation,memory")
     ap.add_argument("--resume", action="store_true", help="keep quality rows already in the JSON")
     ap.add_argument("--protocol", default="brown-512")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -335,7 +432,9 @@ def main() -> None:
     sections = args.sections.split(",")
     path = RESULTS / f"{NAME}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    _checkpoint("command", "python benchmarks/lowrank.py " + " ".join(sys.argv[1:]))
+    commands = {k: v for k, v in old.get("commands", {}).items() if k not in sections}
+    commands.update({sec: "python benchmarks/lowrank.py " + " ".join(sys.argv[1:]) for sec in sections})
+    _checkpoint("commands", commands)
     if "quality" in sections:
         rows = run_quality(old.get("quality", []) if args.resume else [], args.protocol)
         _checkpoint("quality", rows)
@@ -344,6 +443,8 @@ def main() -> None:
         ex = {"per_layer_full_rank": {m: layer_exactness(m) for m in MODELS}, "fused_vs_unfused": fused_exactness()}
         print("exactness", json.dumps(ex), flush=True)
         _checkpoint("exactness", ex)
+    if "ablation" in sections:
+        _checkpoint("encoder_calibration_ablation", encoder_calibration_ablation())
     if "memory" in sections:
         rows = run_memory()
         _checkpoint("memory", {"rows": rows, "summary": memory_summary(rows),
