@@ -402,7 +402,7 @@ def generate(
                        top_p=top_p, seed=seed, chat=chat, device=resolve_device(device))
     out_console.print(res.text, markup=False, highlight=False)
     console.print(f"{res.new_tokens} tokens in {res.seconds:.2f} s ({res.new_tokens / res.seconds:.1f} tok/s), "
-                  f"prompt {res.prompt_tokens} tokens, served by {res.served_by}", highlight=False)
+                  f"prompt {res.prompt_tokens} tokens, served by {res.served_by}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -20,12 +20,14 @@ Memory (:data:`MEMORY_METHOD`): every (model, phase) runs in a fresh Python proc
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ class PhaseResult:
     blocks_s: dict[str, float]
     block_weight_bytes: dict[str, int]
     threads: int
+    peak_reset_after_load: bool
 
 
 @dataclass
@@ -85,12 +88,17 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def _reset_peak(device: torch.device) -> None:
+def _reset_peak(device: torch.device) -> bool:
+    """Restart the peak-memory mark; False where the OS cannot (the peak then includes loading)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        return False
+    return True
 
 
 def _memory(device: torch.device) -> tuple[int, int]:
@@ -98,7 +106,12 @@ def _memory(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-    return _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    if Path("/proc/self/status").is_file():
+        return _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return 0, peak  # no current-RSS reading: loaded = 0, peak over the whole process
 
 
 class _Clock:
@@ -142,7 +155,9 @@ class BlockTimer:
 
 
 def _nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """Bytes of a module's parameters and buffers, each shared tensor (tied head) counted once."""
+    unique = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -150,10 +165,42 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def _prefill_runner(model: nn.Module, timer: BlockTimer, clock: _Clock, ids: torch.Tensor,
+                    causal: bool) -> Callable[[], list[float]]:
+    """One forward over ``ids [1, seq]``; returns its wall time."""
+    kw = _forward_kwargs(model) | ({"use_cache": False} if causal else {})
+
+    def run() -> list[float]:
+        timer.on = timer.armed
+        t0 = clock()
+        model(input_ids=ids, **kw)
+        t = clock() - t0
+        timer.on = False
+        return [t]
+    return run
+
+
+def _decode_runner(model: nn.Module, timer: BlockTimer, clock: _Clock, prompt_ids: torch.Tensor,
+                   steps: int) -> Callable[[], list[float]]:
+    """Fill the KV cache with ``prompt_ids``, then ``steps`` greedy one-token steps; their wall times."""
+    def run() -> list[float]:
+        out = model(input_ids=prompt_ids, use_cache=True, **_forward_kwargs(model))
+        times = []
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]
+            timer.on = timer.armed
+            t0 = clock()
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            times.append(clock() - t0)
+            timer.on = False
+        return times
+    return run
+
+
 @torch.inference_mode()
 def measure(model_dir: str, phase: str, tokens: int, *, repeats: int = 3, prompt: int = 32,
             device: str = "cpu", seed: int = 0) -> PhaseResult:
-    """Load ``model_dir`` and time one phase in this process (run by the child process)."""
+    """Load ``model_dir`` and time one phase in this process (what the child process runs)."""
     from compress.api import load
     from compress.model import get_module
 
@@ -163,38 +210,15 @@ def measure(model_dir: str, phase: str, tokens: int, *, repeats: int = 3, prompt
     blocks = get_module(model, adapter.layers)
     clock = _Clock(dev)
     timer = BlockTimer(blocks, adapter.layers, clock)
-    vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(int(model.config.vocab_size), (1, tokens if phase == "prefill" else prompt),
+                        generator=gen).to(dev)  # random ids: the cost does not depend on the text
+    run = (_prefill_runner(model, timer, clock, ids, adapter.causal) if phase == "prefill"
+           else _decode_runner(model, timer, clock, ids, tokens))
     loaded, _ = _memory(dev)
-    _reset_peak(dev)
-    if phase == "prefill":
-        ids = torch.randint(vocab, (1, tokens), generator=gen).to(dev)
-        kw = _forward_kwargs(model)
-        kw.update({"use_cache": False} if adapter.causal else {})
-
-        def run() -> list[float]:
-            timer.on = timer.armed
-            t0 = clock()
-            model(input_ids=ids, **kw)
-            t = clock() - t0
-            timer.on = False
-            return [t]
-    else:
-        ids = torch.randint(vocab, (1, prompt), generator=gen).to(dev)
-
-        def run() -> list[float]:
-            out = model(input_ids=ids, use_cache=True, **_forward_kwargs(model))
-            steps = []
-            for _ in range(tokens):
-                nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]
-                timer.on = timer.armed
-                t0 = clock()
-                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-                steps.append(clock() - t0)
-                timer.on = False
-            return steps
+    reset = _reset_peak(dev)
     run()  # warm-up
-    timer.armed = not clock.cuda  # CPU: hooks cost ~1 us per block, record during the timed runs
+    timer.armed = not clock.cuda  # CPU: a hook costs ~1 us per block, record during the timed runs
     lat = [t for _ in range(repeats) for t in run()]
     if clock.cuda:  # per-block times from separate hooked runs: no syncs inside the timed ones
         timer.armed = True
@@ -207,7 +231,7 @@ def measure(model_dir: str, phase: str, tokens: int, *, repeats: int = 3, prompt
                        loaded_bytes=loaded, peak_bytes=peak, transient_bytes=max(peak - loaded, 0),
                        weight_bytes=_nbytes(model), blocks_s=timer.medians(),
                        block_weight_bytes={f"{adapter.layers}.{i}": _nbytes(b) for i, b in enumerate(blocks)},
-                       threads=torch.get_num_threads())
+                       threads=torch.get_num_threads(), peak_reset_after_load=reset)
 
 
 def _child_main(argv: list[str]) -> None:

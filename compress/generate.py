@@ -68,7 +68,6 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, sample
 
     from compress.api import load
     from compress.assets import resolve_model
-    from compress.bench import device_label
 
     _check_options(prompt, max_new_tokens, temperature, top_p)
     model_dir = resolve_model(str(model))
@@ -88,4 +87,14 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, sample
     seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]  # [new_tokens]
     return Generation(text=tok.decode(new, skip_special_tokens=True), prompt_tokens=int(ids.shape[1]),
-                      new_tokens=int(new.numel()), seconds=seconds, served_by=device_label(device))
+                      new_tokens=int(new.numel()), seconds=seconds, served_by=_served_by(lm, device))
+
+
+def _served_by(model: torch.nn.Module, device: str) -> str:
+    """What ran the linears: the kernel backend, or plain torch for a model with nothing compressed."""
+    from compress.bench import device_label
+    from compress.modules.protocol import validatable_modules
+
+    if validatable_modules(model):
+        return device_label(device)
+    return f"{device_label(device).split(',')[0]}, dense torch (no compressed modules)"

@@ -192,6 +192,12 @@ def test_generate_matches_a_manual_greedy_loop(tiny_w4: Path) -> None:
     assert res.new_tokens == 5 and res.text == tok.decode(ids[0, -5:], skip_special_tokens=True)
 
 
+def test_generate_says_when_nothing_is_compressed(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_cli(["generate", str(tiny_llama), "The jury", "--max-new-tokens", "2"], monkeypatch, capsys)
+    assert code == 0 and out.strip() and "dense torch (no compressed modules)" in err, err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["The jury", "--chat"], "no chat template"),
     (["   "], "prompt is empty"),
