@@ -180,7 +180,10 @@ def _out_dir(model: str, ratio: float, whiten: bool) -> Path:
     return cache_dir() / "bench" / "lowrank" / f"{model}-r{ratio}-{'white' if whiten else 'plain'}"
 
 
-def quality_row(model: str, ratio: float, whiten: bool, protocol: str) -> dict:
+def quality_row(model: str, ratio: float, whiten: bool, protocol: str, calib_samples: int | None = None) -> dict:
+    """Compress (subprocess, measured) and evaluate one configuration. ``calib_samples``
+    overrides the number of calibration windows of ``protocol`` (``--n-samples``); plain SVD
+    reads no calibration data, so it only changes the whitened runs."""
     from compress.assets import materialize
     from compress.eval import evaluate
 
@@ -190,10 +193,14 @@ def quality_row(model: str, ratio: float, whiten: bool, protocol: str) -> dict:
     log = out.parent / f"{out.name}.log"
     args = ["lowrank", str(src), "--ratio", str(ratio), "--whiten" if whiten else "--no-whiten",
             "-o", str(out), "--overwrite", "--protocol", protocol]
+    if calib_samples is not None:
+        args += ["--n-samples", str(calib_samples)]
     run = measured(compress_cmd(*args), env=_one_thread_env(), log=log)
     res = evaluate(out, src, protocol=protocol)
     row = {"model": model, "ratio": ratio, "whiten": whiten, "compress_wall_s": run["wall_s"],
            "compress_peak_rss_bytes": run["peak_rss_bytes"], "command": "compress " + " ".join(args),
+           "calibration": (f"{protocol} calibration windows, {calib_samples or 'all'} samples"
+                           if whiten else "none (plain SVD reads no data)"),
            **{k: v for k, v in vars(res).items() if k not in ("model",)}}
     print(f"quality {model} ratio {ratio} {'white' if whiten else 'plain'}: "
           + (f"PPL {res.ppl:.3f} (dense {res.dense_ppl:.3f})" if hasattr(res, "ppl")
@@ -201,7 +208,10 @@ def quality_row(model: str, ratio: float, whiten: bool, protocol: str) -> dict:
     return row
 
 
-def run_quality(previous: list[dict], protocol: str) -> list[dict]:
+def run_quality(previous: list[dict], protocol: str, calib_samples: dict[str, int] | None = None) -> list[dict]:
+    """Every (model, ratio, plain/whitened) not already in ``previous``; the JSON is written
+    after each row, so an interrupted run resumes where it stopped."""
+    calib_samples = calib_samples or {}
     rows = list(previous)
     done = {(r["model"], r["ratio"], r["whiten"]) for r in rows}
     for model in ("minilm", "smollm2"):
@@ -209,7 +219,7 @@ def run_quality(previous: list[dict], protocol: str) -> list[dict]:
             for whiten in (False, True):
                 if (model, ratio, whiten) in done:
                     continue
-                rows.append(quality_row(model, ratio, whiten, protocol))
+                rows.append(quality_row(model, ratio, whiten, protocol, calib_samples.get(model)))
                 _checkpoint("quality", rows)
     return rows
 
@@ -422,6 +432,8 @@ def main() -> None:
     ap.add_argument("--sections", default="quality,exactness,ablation,memory")
     ap.add_argument("--resume", action="store_true", help="keep quality rows already in the JSON")
     ap.add_argument("--protocol", default="brown-512")
+    ap.add_argument("--calib-samples", default="",
+                    help="MODEL=N[,MODEL=N]: calibration windows per model (default: the protocol's)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -436,7 +448,8 @@ def main() -> None:
     commands.update({sec: "python benchmarks/lowrank.py " + " ".join(sys.argv[1:]) for sec in sections})
     _checkpoint("commands", commands)
     if "quality" in sections:
-        rows = run_quality(old.get("quality", []) if args.resume else [], args.protocol)
+        calib = {k: int(v) for k, v in (kv.split("=") for kv in args.calib_samples.split(",") if kv)}
+        rows = run_quality(old.get("quality", []) if args.resume else [], args.protocol, calib)
         _checkpoint("quality", rows)
         _checkpoint("whitened_better_at_every_ratio", whitened_wins(rows))
     if "exactness" in sections:

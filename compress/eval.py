@@ -63,7 +63,7 @@ def eval_token_windows(model_dir: Path, protocol: str, data: str | None) -> Tens
 @torch.no_grad()
 def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None) -> dict[str, float]:
     """NLL sum, token count and (with ``dense``) KL sum and top-1 matches over the windows."""
-    nll, n, kl, agree = 0.0, 0, 0.0, 0
+    nll, n, kl, agree, dense_nll = 0.0, 0, 0.0, 0, 0.0
     for w in windows:
         ids = w.unsqueeze(0)  # (1, seq)
         logits = model(input_ids=ids).logits[0, :-1].float()  # (seq-1, vocab)
@@ -71,12 +71,13 @@ def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None) -> 
         n += logits.shape[0]
         if dense is not None:
             ref = dense(input_ids=ids).logits[0, :-1].float()
+            dense_nll += float(F.cross_entropy(ref, ids[0, 1:], reduction="sum"))
             lp, lq = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
             kl += float((lp.exp() * (lp - lq)).sum())
             agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
     out = {"nll": nll, "tokens": n}
     if dense is not None:
-        out.update({"kl": kl, "agree": agree})
+        out.update({"kl": kl, "agree": agree, "dense_nll": dense_nll})
     return out
 
 
@@ -121,8 +122,7 @@ def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
     s = score(model, windows, dense)
     dense_ppl, dense_bytes = None, None
     if dense is not None:
-        s_d = score(dense, windows)
-        dense_ppl = math.exp(s_d["nll"] / s_d["tokens"])
+        dense_ppl = math.exp(s["dense_nll"] / s["tokens"])  # same forward as the KL reference
         dense_bytes = CheckpointReader(resolve_model(str(against))).total_bytes()
     bits, params = compressed_size(reader, manifest)
     return EvalResult(
