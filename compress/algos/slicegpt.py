@@ -64,6 +64,10 @@ class PCA:
         total = float(ev.sum())
         return float(ev[:d].sum()) / total if total > 0 else 1.0
 
+    def dropped(self, d: int) -> float:
+        """Mean energy per row (``E‖x‖²`` of the directions after ``d``) that slicing removes."""
+        return float(self.eigenvalues[d:].clamp_min(0).sum())
+
 
 def pca(second_moment: Tensor, damp: float = 0.01, retries: int = 4) -> PCA:
     """Eigen-decomposition of the un-centred second moment ``E[xᵀx]`` in float64.
@@ -150,12 +154,17 @@ def rotate_rows(E: Tensor, basis: Tensor, chunk: int = 4096) -> Tensor:
 
 
 # -- normalisation --------------------------------------------------------------------------
-def rms_norm_at_width(full: int, width: int, eps: float) -> tuple[float, float]:
+def rms_norm_at_width(full: int, width: int, eps: float, dropped: float = 0.0) -> tuple[float, float]:
     """(scale, eps′) making ``scale·x·rsqrt(mean_width(x²) + eps′)`` equal
-    ``x·rsqrt(Σx²/full + eps)``: an RMSNorm over ``width`` columns that still divides by the
-    *original* width, written with the standard module (constant weight, rescaled eps)."""
+    ``x·rsqrt((Σx² + dropped)/full + eps)``: an RMSNorm over ``width`` columns that still divides
+    by the *original* width, written with the standard module (constant weight, rescaled eps).
+
+    ``dropped`` is the energy the sliced-off directions carried (per token, on average): adding
+    it back under the square root restores the norm the unsliced activations had, on average,
+    instead of inflating every token whose energy was partly sliced off. 0 is exact invariance.
+    """
     r = full / width
-    return math.sqrt(r), eps * r
+    return math.sqrt(r), eps * r + dropped / width
 
 
 def unit_rows(x: Tensor) -> Tensor:

@@ -39,6 +39,9 @@ class CalibState:
     kwargs: list[dict]
     batch_size: int
     args: list[tuple] = field(default_factory=list)
+    #: columns of ``hidden`` in use (None: all); a block that changes the residual width (a
+    #: sliced model) narrows it, so the buffer is never reallocated for narrower blocks
+    width: int | None = None
 
     def call(self, layer: nn.Module, b: int, x: Tensor) -> object:
         """Call a block on batch ``b``'s input ``x`` with the extras it was called with."""
@@ -49,7 +52,20 @@ class CalibState:
         return range(len(self.kwargs))
 
     def batch(self, b: int) -> Tensor:
-        return self.hidden[b * self.batch_size:(b + 1) * self.batch_size]  # a view, no copy
+        x = self.hidden[b * self.batch_size:(b + 1) * self.batch_size]  # a view, no copy
+        return x if self.width is None or self.width == x.shape[-1] else x[..., :self.width]
+
+    def store(self, b: int, out: Tensor) -> None:
+        """Write batch ``b``'s block output over its input; the output may be wider or narrower
+        (the buffer grows if needed). Call :meth:`set_width` once every batch is stored."""
+        if out.shape[-1] > self.hidden.shape[-1]:
+            wider = self.hidden.new_zeros((*self.hidden.shape[:-1], out.shape[-1]))
+            wider[..., :self.hidden.shape[-1]] = self.hidden
+            self.hidden = wider
+        self.hidden[b * self.batch_size:(b + 1) * self.batch_size, ..., :out.shape[-1]] = out
+
+    def set_width(self, width: int) -> None:
+        self.width = None if width == self.hidden.shape[-1] else width
 
 
 class _Catcher(nn.Module):
@@ -170,9 +186,7 @@ class LayerContext:
                    for rel, fn in pre_hooks.items()]
         try:
             with torch.no_grad(), dense_cache(self.layer):
-                for b in self.state.batches():
-                    x = self.state.batch(b)
-                    x.copy_(block_output(self.state.call(self.layer, b, x)))
+                self._store_outputs()
         finally:
             for h in handles:
                 h.remove()
@@ -182,9 +196,18 @@ class LayerContext:
         if self.state is None or self.propagated:
             return
         with torch.no_grad(), dense_cache(self.layer):
-            for b in self.state.batches():
-                x = self.state.batch(b)
-                x.copy_(block_output(self.state.call(self.layer, b, x)))
+            self._store_outputs()
+
+    def _store_outputs(self) -> None:
+        """Run every batch through the block and write its outputs over the inputs."""
+        assert self.state is not None
+        width = None
+        for b in self.state.batches():
+            out = block_output(self.state.call(self.layer, b, self.state.batch(b)))
+            self.state.store(b, out)
+            width = out.shape[-1]
+        if width is not None:
+            self.state.set_width(width)
 
 
 def _make_hook(fn: Callable[[Tensor], None], stop: bool):

@@ -32,8 +32,11 @@ Quantize = Callable[[list[str], Tensor], None]
 
 
 def supports_staged(ctx: LayerContext) -> bool:
-    """The adapter describes a pre-norm residual block with attention + MLP sub-modules."""
+    """The adapter describes a pre-norm residual block with attention + MLP sub-modules, and
+    the block is the plain one (a SliceGPT block carries residual shortcuts the stages omit)."""
     a = ctx.adapter
+    if hasattr(ctx.layer, "_slice_paths"):  # a sliced block (residual shortcuts): generic path
+        return False
     return (a.pre_norm and a.causal and len(a.groups) == 4
             and {"attn", "mlp", "o", "down"} <= set(a.roles) and ctx.state is not None)
 
