@@ -17,7 +17,14 @@ Sections (JSON in benchmarks/results/kernels.json; summarised in BENCHMARKS.md):
   (the one decode uses), and a dense model carrying the weights decoded by the independent
   float64 reference; they must agree within 0.1%. Also the dense source's PPL.
 
-Usage: python benchmarks/kernels.py [--sections correctness,gpu,cpu,e2e] [--repeats 7]
+* ``bench`` — ``compress bench`` of that int4 model against the dense source (prefill M = 512,
+  2048 and decode M = 1; latency and peak memory, a fresh process per measurement; on CPU the
+  honest torch path).
+
+Each section is written into the JSON as soon as it finishes and merged with what is there, so
+sections can be run separately (``--sections e2e`` then ``--sections bench``) without clobbering.
+
+Usage: python benchmarks/kernels.py [--sections correctness,gpu,cpu,e2e,bench] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -232,15 +239,45 @@ def e2e(protocol: str = "brown-512") -> dict:
     }
 
 
+def cli_bench(repeats: int) -> dict:
+    """``compress bench`` of the int4 SmolLM2 against its dense source (the honest torch path on CPU).
+
+    Prefill M = 512 and 2048, decode (M = 1 with a KV cache); a fresh process per (model, phase).
+    """
+    from compress.assets import materialize
+
+    dense_dir = materialize("smollm2-135m")
+    out, made = int4_model(dense_dir)
+    tmp = RESULTS / "kernels_bench_cli.json"
+    args = ["bench", str(out), "--against", str(dense_dir), "--seq", "512", "--seq", "2048",
+            "--decode-tokens", "32", "--prompt", "32", "--repeats", str(repeats), "--device", "cpu",
+            "--json", str(tmp)]
+    run = measured(compress_cmd(*args), log=RESULTS / "kernels_bench_cli.log")
+    report = json.loads(tmp.read_text())
+    tmp.unlink()
+    summary = [{"phase": r["phase"], "tokens": r["tokens"],
+                "int4_latency_s": r["compressed"]["latency_s"], "dense_latency_s": r["dense"]["latency_s"],
+                "latency_ratio": r["latency_ratio"],
+                "int4_peak_bytes": r["compressed"]["peak_bytes"], "dense_peak_bytes": r["dense"]["peak_bytes"],
+                "peak_ratio": r["peak_ratio"],
+                "int4_transient_bytes": r["compressed"]["transient_bytes"],
+                "dense_transient_bytes": r["dense"]["transient_bytes"],
+                "int4_loaded_bytes": r["compressed"]["loaded_bytes"], "dense_loaded_bytes": r["dense"]["loaded_bytes"],
+                "int4_weight_bytes": r["compressed"]["weight_bytes"], "dense_weight_bytes": r["dense"]["weight_bytes"]}
+               for r in report["phases"]]
+    return {"command": "compress " + " ".join(args[:-2]).replace(str(out), "INT4").replace(str(dense_dir), "DENSE"),
+            "model": str(out), "against": str(dense_dir), "made_now": made, "wall": run,
+            "summary": summary, "report": report}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sections", default="correctness,gpu,cpu,e2e")
+    ap.add_argument("--sections", default="correctness,gpu,cpu,e2e,bench")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     path = RESULTS / "kernels.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data["machine"] = machine()
     for section in args.sections.split(","):
+        data: dict = {}
         if section == "correctness":
             data["correctness"] = correctness()
             print(f"correctness: {data['correctness']['checks']} checks, pass={data['correctness']['pass']}")
@@ -255,12 +292,23 @@ def main() -> None:
         elif section == "cpu":
             data["cpu"] = cpu_timings(args.repeats)
             print("cpu:", [(r["k"], r["n"], r["m"], round(r["ratio"], 2)) for r in data["cpu"]["rows"]])
+        elif section == "bench":
+            data["bench"] = cli_bench(min(args.repeats, 3))
+            print("bench:", [(r["phase"], r["tokens"], round(r["latency_ratio"], 2), round(r["peak_ratio"], 2))
+                             for r in data["bench"]["summary"]])
         elif section == "e2e":
             data["e2e"] = e2e()
             print("e2e:", {k: v for k, v in data["e2e"].items() if k.startswith(("ppl", "rel", "pass"))})
         else:
             raise SystemExit(f"unknown section {section!r}")
-        save("kernels", data)
+        # merge: re-read just before writing, so sections run separately never clobber each other
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(data)
+        merged["machine"] = machine()
+        merged.setdefault("commands", {})[section] = (
+            f"python benchmarks/kernels.py --sections {section}"
+            + (f" --repeats {args.repeats}" if section in ("cpu", "bench") else ""))
+        save("kernels", merged)
     print(f"wrote {path}")
 
 
