@@ -157,13 +157,17 @@ def quantize(
     method: Annotated[Method, typer.Option(case_sensitive=False, help="quantiser")] = Method.gptq,
     group_size: Annotated[int, typer.Option(help="columns per scale; 0 = per channel")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="symmetric grids")] = True,
-    act_order: Annotated[bool, typer.Option(help="GPTQ: quantise by decreasing Hessian diagonal")] = False,
+    act_order: Annotated[bool, typer.Option(help="GPTQ: quantise by decreasing Hessian diagonal")] = True,
+    mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="MSE-clipped grids (default: on for gptq, off for rtn)",
+                                             show_default=False)] = None,
     damp: Annotated[float, typer.Option(help="GPTQ: dampening fraction of mean(diag H)")] = 0.01,
     overwrite: OverwriteOpt = False, data: DataOpt = None, protocol: ProtocolOpt = "brown-512",
     n_samples: SamplesOpt = None, seq_len: SeqOpt = None, batch_size: BatchOpt = 8, seed: SeedOpt = 0,
 ) -> None:
     """Quantise every linear of MODEL's blocks (RTN or GPTQ) into the pack-quantized format."""
     cfg: dict[str, Any] = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+    if mse is not None:
+        cfg["mse"] = mse
     if method is Method.gptq:
         cfg.update({"act_order": act_order, "damp": damp})
     recipe = _recipe_from_stage(method.value, cfg, data=data, protocol=protocol, n_samples=n_samples,

@@ -5,9 +5,11 @@ Measures (JSON in benchmarks/results/quant.json; summarised in BENCHMARKS.md):
   same scheme, same calibration windows, same dampening), RTN W4 g64, GPTQ W3 g64, W8 per channel;
 * wall time and peak RSS of the W4 g64 GPTQ run, ours vs llm-compressor, interleaved repeats,
   medians and their ratio;
-* peak RSS of the same run on a 60-block variant of SmolLM2 (blocks repeated) vs 30 blocks;
+* peak RSS of the W4 g64 run on a 60-block variant of SmolLM2 (blocks repeated) vs the 30-block
+  model, both calibrated on brown-512-smoke (the ratio is what is checked);
 * the int4 output loaded by plain ``transformers`` + ``compressed-tensors``: its PPL vs ours;
-* determinism: identical tensors from two runs of the same recipe.
+* determinism: identical tensors from two runs of the same recipe (the two W4 g64 runs when
+  ``--repeats`` ≥ 2, else two brown-512-smoke runs).
 
 Usage: python benchmarks/quant.py [--repeats 2] [--skip-llmc] [--skip-deep]
 """
@@ -36,7 +38,8 @@ from compress.recipe import CalibrationConfig  # noqa: E402
 from compress.runner import load_calibration  # noqa: E402
 
 PROTOCOL = "brown-512"
-W4 = ["--bits", "4", "--group-size", "64", "--act-order"]
+W4 = ["--bits", "4", "--group-size", "64", "--act-order", "--mse"]
+SMOKE = ["--protocol", "brown-512-smoke"]
 
 
 def tensor_hash(path: Path) -> str:
@@ -134,14 +137,22 @@ def main() -> None:
                                        "wall_ratio": t_ours / t_p, "rss_ratio": m_ours / m_p})
     if a.repeats >= 2:
         h = [tensor_hash(work / f"ours-w4g64-{i}") for i in range(2)]
-        res["determinism"] = {"identical": h[0] == h[1], "sha256": h}
+        res["determinism"] = {"recipe": "gptq w4 g64 act-order, brown-512", "identical": h[0] == h[1], "sha256": h}
+    else:  # two runs of the same recipe on the smoke calibration (cheaper, same code path)
+        h = []
+        for i in range(2):
+            out = work / f"det-{i}"
+            shutil.rmtree(out, ignore_errors=True)
+            measured(compress_cmd("gptq", str(dense), *W4, *SMOKE, "-o", str(out)), log=work / f"det-{i}.log")
+            h.append(tensor_hash(out))
+        res["determinism"] = {"recipe": "gptq w4 g64 act-order, brown-512-smoke", "identical": h[0] == h[1], "sha256": h}
 
     quality = {"gptq_w4g64": eval_row(work / "ours-w4g64-0", dense)}
     if peer:
         quality["llmc_gptq_w4g64"] = eval_row(work / "llmc-w4g64-0", dense)
     for name, args in {"rtn_w4g64": ["rtn", "--bits", "4", "--group-size", "64"],
-                       "gptq_w3g64": ["gptq", "--bits", "3", "--group-size", "64", "--act-order"],
-                       "gptq_w8_per_channel": ["gptq", "--bits", "8", "--group-size", "0"]}.items():
+                       "gptq_w3g64": ["gptq", "--bits", "3", "--group-size", "64", "--act-order", "--mse"],
+                       "gptq_w8_per_channel": ["gptq", "--bits", "8", "--group-size", "0", "--act-order", "--mse"]}.items():
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
         measured(compress_cmd(*args[:1], str(dense), *args[1:], "-o", str(out)), log=work / f"{name}.log")
@@ -154,13 +165,17 @@ def main() -> None:
                                    "rel_diff": abs(tf - quality["gptq_w4g64"]["ppl"]) / quality["gptq_w4g64"]["ppl"]}
     print("interop", res["transformers_interop"], flush=True)
 
-    if not a.skip_deep:
+    if not a.skip_deep:  # 30 vs 60 blocks, same calibration (brown-512-smoke keeps it quick)
         deep = deep_variant(dense, cache_dir() / "models" / "smollm2-135m-x2")
-        out = work / "ours-deep"
-        shutil.rmtree(out, ignore_errors=True)
-        d = measured(compress_cmd("gptq", str(deep), *W4, "-o", str(out)), log=work / "deep.log")
-        res["depth_memory"] = {"layers_30": {"peak_rss_bytes": m_ours, "wall_s": t_ours},
-                               "layers_60": d, "rss_ratio": d["peak_rss_bytes"] / m_ours}
+        runs = {}
+        for label, src in (("layers_30", dense), ("layers_60", deep)):
+            out = work / f"depth-{label}"
+            shutil.rmtree(out, ignore_errors=True)
+            runs[label] = measured(compress_cmd("gptq", str(src), *W4, *SMOKE, "-o", str(out)),
+                                   log=work / f"depth-{label}.log")
+            shutil.rmtree(out, ignore_errors=True)
+        res["depth_memory"] = {**runs, "calibration": "brown-512-smoke",
+                               "rss_ratio": runs["layers_60"]["peak_rss_bytes"] / runs["layers_30"]["peak_rss_bytes"]}
         print("deep", res["depth_memory"], flush=True)
     print(save("quant", res))
 
