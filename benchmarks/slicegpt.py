@@ -93,10 +93,25 @@ def sweep_row(dense: Path, work: Path, name: str, cmd: list[str]) -> dict:
             "ppl": ppl, "params": n, "bytes_on_disk": CheckpointReader(out).total_bytes(), **run}
 
 
+def store(res: dict) -> Path:
+    """Save ``res`` merged with what another process of this script may have saved meanwhile
+    (sweep rows by name; other sections: ours where we have them)."""
+    path = RESULTS / "slicegpt.json"
+    if path.is_file():
+        disk = json.loads(path.read_text())
+        rows = {r["name"]: r for r in disk.get("sweep", [])}
+        rows.update({r["name"]: r for r in res.get("sweep", [])})
+        res = {**disk, **res}
+        if rows:
+            res["sweep"] = list(rows.values())
+    return save("slicegpt", res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="invariance,sweep,depth")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated sweep row names (e.g. slice-20,slice-25)")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
     dense = materialize("smollm2-135m")
@@ -104,6 +119,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "slicegpt.json"
     res: dict = json.loads(path.read_text()) if path.is_file() else {}
+    res.pop("monotone", None)
     res.update({"machine": machine(), "protocol": PROTOCOL, "model": "SmolLM2-135M-Instruct (fp32)",
                 "reference": REFERENCE})
     res.setdefault("commands", {})["slicegpt"] = "python benchmarks/slicegpt.py " + " ".join(sys.argv[1:])
@@ -111,25 +127,26 @@ def main() -> None:
     if "dense" not in res:
         ppl, n = ppl_of(dense)
         res["dense"] = {"ppl": ppl, "params": n, "bytes_on_disk": CheckpointReader(dense).total_bytes()}
-        save("slicegpt", res)
+        store(res)
     if "invariance" in sections and "invariance" not in res:
         res["invariance"] = invariance(dense, work)
-        save("slicegpt", res)
+        store(res)
         print("invariance", res["invariance"], flush=True)
     if "sweep" in sections:
         rows = res.setdefault("sweep", [])
         jobs = [(f"slice-{int(f * 100)}", ["slice", str(dense), "--sparsity", str(f)]) for f in FRACTIONS]
         jobs.append(("slice-25-then-gptq-w4g64", ["run", str(ROOT / "recipes/slice-then-gptq.yaml"), str(dense)]))
         for name, cmd in jobs:
-            if any(r["name"] == name for r in rows):
+            if any(r["name"] == name for r in rows) or (a.only and name not in a.only.split(",")):
                 continue
             rows.append(sweep_row(dense, work, name, cmd))
-            save("slicegpt", res)
+            store(res)
             print(rows[-1], flush=True)
+        rows = res["sweep"] = json.loads((RESULTS / "slicegpt.json").read_text()).get("sweep", rows)
         plain = [r for r in rows if not r["name"].endswith("gptq-w4g64")]
         plain.sort(key=lambda r: float(r["name"].split("-")[1]))
         res["monotone"] = all(x["ppl"] <= y["ppl"] for x, y in zip(plain, plain[1:], strict=False))
-        save("slicegpt", res)
+        store(res)
     if "depth" in sections and "depth" not in res:
         deep = deep_variant(dense, cache_dir() / "models" / "smollm2-135m-x2")
         runs = {}
@@ -140,9 +157,9 @@ def main() -> None:
                                    log=work / f"depth-{label}.log")
             shutil.rmtree(out, ignore_errors=True)
         res["depth"] = {**runs, "rss_ratio": runs["layers_60"]["peak_rss_bytes"] / runs["layers_30"]["peak_rss_bytes"]}
-        save("slicegpt", res)
+        store(res)
         print("depth", res["depth"], flush=True)
-    print(save("slicegpt", res))
+    print(store(res))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,3 +69,23 @@ class Pass(ABC):
     def describe(self) -> str:
         """One line for `compress plan`."""
         return f"{self.name}: {self.config.model_dump(exclude_defaults=True)}"
+
+
+def read_data_file(path: str | Path, what: str) -> object:
+    """The parsed contents of a JSON (``.json``) or YAML file that a pass option points to.
+
+    Raises ValueError (which the config validators turn into a one-line error) when the file is
+    missing or does not parse; the caller checks the structure.
+    """
+    import json
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file {p} does not exist")
+    try:
+        return json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{what} file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} "
+                         f"({type(e).__name__})") from None

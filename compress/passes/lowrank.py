@@ -10,20 +10,18 @@ matrix per input (fused siblings such as q/k/v share one, and one Cholesky facto
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
-import yaml
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from compress.algos import svd
 from compress.errors import CompressError
 from compress.modules.lowrank import LowRankLinear
-from compress.passes.base import Pass, PassConfig
+from compress.passes.base import Pass, PassConfig, read_data_file
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
@@ -82,14 +80,8 @@ class LowRankConfig(PassConfig):
 
 def load_ranks(path: str | Path) -> dict[str, int]:
     """A ``{module name: rank}`` mapping from a JSON or YAML file (ValueError if malformed)."""
+    data = read_data_file(path, "ranks")
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"ranks file {p} does not exist")
-    try:
-        data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"ranks file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} "
-                         f"({type(e).__name__})") from None
     if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(r, int) and not isinstance(r, bool) for k, r in data.items()):
         raise ValueError(f"ranks file {p} must map module names to integer ranks")

@@ -27,14 +27,12 @@ rebuilds the structure at load time.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import torch
-import yaml
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
@@ -48,7 +46,7 @@ from compress.model import get_module, set_module
 from compress.modules.sliced import (
     ProjectedRMSNorm, SlicedEmbedding, block_linears, block_paths, make_sliced_block, norm_eps,
     set_linear, set_norm, set_shortcut)
-from compress.passes.base import Pass, PassConfig
+from compress.passes.base import Pass, PassConfig, read_data_file
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
@@ -67,6 +65,10 @@ class SliceConfig(PassConfig):
         schedule: per-block fractions (block i's mid-block and output points; block 0's also
             sets the embedding), inline or the path of a JSON/YAML file holding the list. It
             replaces ``sparsity``.
+        embedding_sparsity: fraction sliced at the embedding point (block 0's input). By default
+            0 when the head is tied (the table is stored whole anyway, so keeping the point whole
+            costs only block 0's q/k/v width and saves the head map; SmolLM2 20 %: PPL 135.8 vs
+            136.7 with fewer parameters), else block 0's fraction.
         round_to: sliced widths are rounded down to a multiple of this.
         slice_head: also slice the last block's output (and, for a tied head, the stored
             embedding table) instead of keeping them at full width.
@@ -81,6 +83,8 @@ class SliceConfig(PassConfig):
     sparsity: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of the residual width removed, in [0, 1)")
     schedule: list[Fraction] | str | None = Field(
         None, description="per-block fractions, or a JSON/YAML file of them (replaces sparsity)")
+    embedding_sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="fraction sliced at the embedding point (default: 0 if the head is tied, else block 0's)")
     round_to: int = Field(8, ge=1, le=4096, description="round sliced widths down to a multiple of this")
     slice_head: bool = Field(False, description="slice the last block's output and a tied table too")
     damp: float = Field(0.01, gt=0.0, le=1.0, description="PCA damping, fraction of mean diagonal")
@@ -124,13 +128,8 @@ def _is_number(s: str) -> bool:
 
 def load_schedule(path: str | Path) -> list[float]:
     """Per-block fractions from a JSON or YAML file holding a list (ValueError if malformed)."""
+    data = read_data_file(path, "schedule")
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"schedule file {p} does not exist")
-    try:
-        data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"schedule file {p} is not valid JSON/YAML ({type(e).__name__})") from None
     if not isinstance(data, list) or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
         raise ValueError(f"schedule file {p} must hold a list of fractions, one per block")
@@ -225,7 +224,10 @@ class SliceGPTPass(Pass):
         D, c = self._full, self.config
         fr = c.fractions(n_layers)
         w = [sliced_width(D, f, c.round_to) for f in fr]
-        self._emb_width = w[0]
+        emb = c.embedding_sparsity
+        if emb is None:  # a tied table is stored whole anyway: keeping the point whole is nearly free
+            emb = 0.0 if self._tied else fr[0]
+        self._emb_width = sliced_width(D, emb, c.round_to)
         self._widths = [(w[i], w[i] if (i < n_layers - 1 or c.slice_head) else D) for i in range(n_layers)]
 
     def _moments(self) -> _Moments:

@@ -128,27 +128,40 @@ def test_slicing_shrinks_every_point_and_the_parameter_count(name: str, models: 
     logits = _logits(model, _ids())
     assert torch.isfinite(logits).all() and logits.shape[-1] == dense.config.vocab_size
     layers = model.model.layers
-    assert layers[0].self_attn.q_proj.in_features == d and layers[0].mlp.down_proj.out_features == d
+    assert layers[1].self_attn.q_proj.in_features == d and layers[0].mlp.down_proj.out_features == d
     # the last block's output keeps the full width (head not sliced by default)
     assert layers[-1].mlp.down_proj.out_features == D
     emb = model.model.embed_tokens
-    assert isinstance(emb, SlicedEmbedding) and emb.width == d
-    if name == "tied":
-        assert emb.weight.shape[1] == D and model.lm_head.weight is emb.weight  # still tied
-        assert isinstance(model.model.norm, ProjectedRMSNorm)
+    assert isinstance(emb, SlicedEmbedding)
+    if name == "tied":  # the point stays whole by default: the table is stored whole anyway
+        assert emb.width == D and emb.weight.shape[1] == D and model.lm_head.weight is emb.weight
+        assert layers[0].self_attn.q_proj.in_features == D
     else:
-        assert emb.weight.shape[1] == d
+        assert emb.width == d and emb.weight.shape[1] == d
+        assert layers[0].self_attn.q_proj.in_features == d
     spec = next(t for t in json.loads((out / "compression.json").read_text())["transforms"] if t["kind"] == "slicegpt")
     assert spec["tied_head"] is (name == "tied")
-    assert [entry["in"] for entry in spec["layers"]] == [d] * 3
+    assert [entry["in"] for entry in spec["layers"]] == [D if name == "tied" else d, d, d]
+
+
+def test_sliced_embedding_point_with_a_tied_head_keeps_it_tied(models: dict[str, Path], tmp_path: Path) -> None:
+    """Slicing the embedding point of a tied model: the table stays whole and tied, the final
+    norm maps the last residual basis into the table's basis."""
+    out = run_recipe(_recipe(_slice(sparsity=0.25, embedding_sparsity=0.25)), models["tied"], tmp_path / "o")
+    model = compress.load(out)
+    emb = model.model.embed_tokens
+    assert emb.width == sliced_width(64, 0.25, 8) and emb.weight.shape[1] == 64
+    assert model.lm_head.weight is emb.weight and isinstance(model.model.norm, ProjectedRMSNorm)
+    assert torch.isfinite(_logits(model, _ids())).all()
 
 
 def test_slice_head_narrows_the_last_point_and_a_tied_table(models: dict[str, Path], tmp_path: Path) -> None:
-    out = run_recipe(_recipe(_slice(sparsity=0.25, slice_head=True)), models["tied"], tmp_path / "o")
+    out = run_recipe(_recipe(_slice(sparsity=0.25, slice_head=True, embedding_sparsity=0.25)), models["tied"],
+                     tmp_path / "o")
     model = compress.load(out)
     d = sliced_width(64, 0.25, 8)
     assert model.model.layers[-1].mlp.down_proj.out_features == d
-    assert model.model.embed_tokens.weight.shape[1] == d
+    assert model.model.embed_tokens.weight.shape[1] == d and model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.isfinite(_logits(model, _ids())).all()
 
 
@@ -159,7 +172,7 @@ def test_schedule_sets_per_block_widths(models: dict[str, Path], tmp_path: Path)
     spec = next(t for t in json.loads((out / "compression.json").read_text())["transforms"] if t["kind"] == "slicegpt")
     mids = [entry["mid"] for entry in spec["layers"]]
     assert mids == [32, 64, 48]
-    assert spec["embedding"]["width"] == 32
+    assert spec["embedding"]["width"] == 32  # untied: the embedding point follows block 0
     assert torch.isfinite(_logits(compress.load(out), _ids())).all()
 
 
