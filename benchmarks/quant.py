@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from benchmarks.common import ROOT, compress_cmd, machine, measured, median, save  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, compress_cmd, machine, measured, median, save  # noqa: E402
 from compress.assets import cache_dir, materialize  # noqa: E402
 from compress.checkpoint import CheckpointReader, CheckpointWriter  # noqa: E402
 from compress.eval import eval_token_windows, evaluate, score  # noqa: E402
@@ -89,12 +90,45 @@ def transformers_ppl(out: Path) -> float:
     return math.exp(s["nll"] / s["tokens"])
 
 
+def timed_runs(dense: Path, work: Path, windows: Path, llmc_py: str | None, repeats: int,
+               prefix: str) -> tuple[list[dict], list[dict]]:
+    """Interleaved W4 g64 runs, ours then llm-compressor's, ``repeats`` times each."""
+    ours, peer = [], []
+    for rep in range(repeats):
+        out = work / f"{prefix}ours-w4g64-{rep}"
+        shutil.rmtree(out, ignore_errors=True)
+        ours.append(measured(compress_cmd("gptq", str(dense), *W4, "-o", str(out)), log=work / f"{prefix}ours-{rep}.log"))
+        print("ours", rep, ours[-1], flush=True)
+        if llmc_py:
+            pout = work / f"{prefix}llmc-w4g64-{rep}"
+            shutil.rmtree(pout, ignore_errors=True)
+            peer.append(measured([llmc_py, str(ROOT / "benchmarks/peers/llmc_gptq.py"), str(dense),
+                                  "--windows", str(windows), "--out", str(pout), "--bits", "4",
+                                  "--group-size", "64", "--damp", "0.01", "--actorder", "static"],
+                                 log=work / f"{prefix}llmc-{rep}.log"))
+            print("llm-compressor", rep, peer[-1], flush=True)
+    return ours, peer
+
+
+def cost(ours: list[dict], peer: list[dict]) -> dict:
+    """Medians of wall time and peak RSS, and ours / llm-compressor ratios."""
+    t_o, m_o = median([r["wall_s"] for r in ours]), median([r["peak_rss_bytes"] for r in ours])
+    out = {"ours_wall_s": t_o, "ours_peak_rss_bytes": m_o}
+    if peer:
+        t_p, m_p = median([r["wall_s"] for r in peer]), median([r["peak_rss_bytes"] for r in peer])
+        out.update({"llmc_wall_s": t_p, "llmc_peak_rss_bytes": m_p, "wall_ratio": t_o / t_p, "rss_ratio": m_o / m_p})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-deep", action="store_true")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only the interleaved ours / llm-compressor runs, merged into quant.json as "
+                         "gptq_w4g64_timing (run on an otherwise idle machine)")
     a = ap.parse_args()
     dense = materialize("smollm2-135m")
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-quant-", dir=cache_dir()))
@@ -114,27 +148,17 @@ def main() -> None:
                               capture_output=True, text=True).stdout.strip().splitlines()[-1]
         llmc_py = str(Path(venv) / "bin" / "python")
 
-    ours, peer = [], []
-    for rep in range(a.repeats):
-        out = work / f"ours-w4g64-{rep}"
-        shutil.rmtree(out, ignore_errors=True)
-        ours.append(measured(compress_cmd("gptq", str(dense), *W4, "-o", str(out)), log=work / f"ours-{rep}.log"))
-        print("ours", rep, ours[-1], flush=True)
-        if llmc_py:
-            pout = work / f"llmc-w4g64-{rep}"
-            shutil.rmtree(pout, ignore_errors=True)
-            peer.append(measured([llmc_py, str(ROOT / "benchmarks/peers/llmc_gptq.py"), str(dense),
-                                  "--windows", str(windows), "--out", str(pout), "--bits", "4",
-                                  "--group-size", "64", "--damp", "0.01", "--actorder", "static"],
-                                 log=work / f"llmc-{rep}.log"))
-            print("llm-compressor", rep, peer[-1], flush=True)
+    ours, peer = timed_runs(dense, work, windows, llmc_py, a.repeats, "t-" if a.timing_only else "")
+    if a.timing_only:
+        path = RESULTS / "quant.json"
+        full = json.loads(path.read_text()) if path.is_file() else {}
+        full["gptq_w4g64_timing"] = {"command": res["command"], "machine": res["machine"],
+                                     "runs": {"ours": ours, "llm_compressor": peer}, **cost(ours, peer)}
+        print(save("quant", full))
+        return
     res["gptq_w4g64_runs"] = {"ours": ours, "llm_compressor": peer}
-    t_ours, m_ours = median([r["wall_s"] for r in ours]), median([r["peak_rss_bytes"] for r in ours])
-    res["gptq_w4g64_cost"] = {"ours_wall_s": t_ours, "ours_peak_rss_bytes": m_ours}
-    if peer:
-        t_p, m_p = median([r["wall_s"] for r in peer]), median([r["peak_rss_bytes"] for r in peer])
-        res["gptq_w4g64_cost"].update({"llmc_wall_s": t_p, "llmc_peak_rss_bytes": m_p,
-                                       "wall_ratio": t_ours / t_p, "rss_ratio": m_ours / m_p})
+    res["gptq_w4g64_cost"] = cost(ours, peer)
+    t_ours, m_ours = res["gptq_w4g64_cost"]["ours_wall_s"], res["gptq_w4g64_cost"]["ours_peak_rss_bytes"]
     if a.repeats >= 2:
         h = [tensor_hash(work / f"ours-w4g64-{i}") for i in range(2)]
         res["determinism"] = {"recipe": "gptq w4 g64 act-order, brown-512", "identical": h[0] == h[1], "sha256": h}
