@@ -120,12 +120,27 @@ def cost(ours: list[dict], peer: list[dict]) -> dict:
     return out
 
 
+def depth_memory(dense: Path, work: Path) -> dict:
+    """Peak RSS of W4 g64 GPTQ on 30 vs 60 blocks (the blocks repeated), brown-512-smoke calibration."""
+    deep = deep_variant(dense, cache_dir() / "models" / "smollm2-135m-x2")
+    runs = {}
+    for label, src in (("layers_30", dense), ("layers_60", deep)):
+        out = work / f"depth-{label}"
+        shutil.rmtree(out, ignore_errors=True)
+        runs[label] = measured(compress_cmd("gptq", str(src), *W4, *SMOKE, "-o", str(out)),
+                               log=work / f"depth-{label}.log")
+        shutil.rmtree(out, ignore_errors=True)
+    return {**runs, "calibration": "brown-512-smoke",
+            "rss_ratio": runs["layers_60"]["peak_rss_bytes"] / runs["layers_30"]["peak_rss_bytes"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-deep", action="store_true")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--depth-only", action="store_true", help="only the 30 vs 60 block memory check, merged into quant.json")
     ap.add_argument("--timing-only", action="store_true",
                     help="only the interleaved ours / llm-compressor runs, merged into quant.json as "
                          "gptq_w4g64_timing (run on an otherwise idle machine)")
@@ -133,6 +148,13 @@ def main() -> None:
     dense = materialize("smollm2-135m")
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-quant-", dir=cache_dir()))
     work.mkdir(parents=True, exist_ok=True)
+    if a.depth_only:
+        path = RESULTS / "quant.json"
+        full = json.loads(path.read_text()) if path.is_file() else {}
+        full["depth_memory"] = {**depth_memory(dense, work),
+                                "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}
+        print(save("quant", full))
+        return
     res: dict = {"machine": machine(), "protocol": PROTOCOL, "model": "SmolLM2-135M-Instruct (fp32)",
                  "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}
 
@@ -189,17 +211,8 @@ def main() -> None:
                                    "rel_diff": abs(tf - quality["gptq_w4g64"]["ppl"]) / quality["gptq_w4g64"]["ppl"]}
     print("interop", res["transformers_interop"], flush=True)
 
-    if not a.skip_deep:  # 30 vs 60 blocks, same calibration (brown-512-smoke keeps it quick)
-        deep = deep_variant(dense, cache_dir() / "models" / "smollm2-135m-x2")
-        runs = {}
-        for label, src in (("layers_30", dense), ("layers_60", deep)):
-            out = work / f"depth-{label}"
-            shutil.rmtree(out, ignore_errors=True)
-            runs[label] = measured(compress_cmd("gptq", str(src), *W4, *SMOKE, "-o", str(out)),
-                                   log=work / f"depth-{label}.log")
-            shutil.rmtree(out, ignore_errors=True)
-        res["depth_memory"] = {**runs, "calibration": "brown-512-smoke",
-                               "rss_ratio": runs["layers_60"]["peak_rss_bytes"] / runs["layers_30"]["peak_rss_bytes"]}
+    if not a.skip_deep:
+        res["depth_memory"] = depth_memory(dense, work)
         print("deep", res["depth_memory"], flush=True)
     print(save("quant", res))
 
