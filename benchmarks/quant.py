@@ -90,12 +90,20 @@ def transformers_ppl(out: Path) -> float:
     return math.exp(s["nll"] / s["tokens"])
 
 
+def done(out: Path) -> bool:
+    """A finished output directory (ours writes compression.json last, llm-compressor config.json)."""
+    return (out / "compression.json").is_file() or (out / "config.json").is_file()
+
+
 def timed_runs(dense: Path, work: Path, windows: Path, llmc_py: str | None, repeats: int,
-               prefix: str) -> tuple[list[dict], list[dict]]:
-    """Interleaved W4 g64 runs, ours then llm-compressor's, ``repeats`` times each."""
+               prefix: str, reuse: bool = False) -> tuple[list[dict], list[dict]]:
+    """Interleaved W4 g64 runs, ours then llm-compressor's, ``repeats`` times each (with
+    ``reuse``, finished outputs in ``work`` are kept and not timed again)."""
     ours, peer = [], []
     for rep in range(repeats):
         out = work / f"{prefix}ours-w4g64-{rep}"
+        if reuse and done(out) and (not llmc_py or done(work / f"{prefix}llmc-w4g64-{rep}")):
+            continue
         shutil.rmtree(out, ignore_errors=True)
         ours.append(measured(compress_cmd("gptq", str(dense), *W4, "-o", str(out)), log=work / f"{prefix}ours-{rep}.log"))
         print("ours", rep, ours[-1], flush=True)
@@ -112,6 +120,8 @@ def timed_runs(dense: Path, work: Path, windows: Path, llmc_py: str | None, repe
 
 def cost(ours: list[dict], peer: list[dict]) -> dict:
     """Medians of wall time and peak RSS, and ours / llm-compressor ratios."""
+    if not ours:
+        return {"note": "outputs reused; timed by --timing-only (gptq_w4g64_timing)"}
     t_o, m_o = median([r["wall_s"] for r in ours]), median([r["peak_rss_bytes"] for r in ours])
     out = {"ours_wall_s": t_o, "ours_peak_rss_bytes": m_o}
     if peer:
@@ -140,6 +150,7 @@ def main() -> None:
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-deep", action="store_true")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep finished outputs in --work instead of recomputing")
     ap.add_argument("--depth-only", action="store_true", help="only the 30 vs 60 block memory check, merged into quant.json")
     ap.add_argument("--timing-only", action="store_true",
                     help="only the interleaved ours / llm-compressor runs, merged into quant.json as "
@@ -170,7 +181,7 @@ def main() -> None:
                               capture_output=True, text=True).stdout.strip().splitlines()[-1]
         llmc_py = str(Path(venv) / "bin" / "python")
 
-    ours, peer = timed_runs(dense, work, windows, llmc_py, a.repeats, "t-" if a.timing_only else "")
+    ours, peer = timed_runs(dense, work, windows, llmc_py, a.repeats, "t-" if a.timing_only else "", a.reuse)
     if a.timing_only:
         path = RESULTS / "quant.json"
         full = json.loads(path.read_text()) if path.is_file() else {}
@@ -180,7 +191,6 @@ def main() -> None:
         return
     res["gptq_w4g64_runs"] = {"ours": ours, "llm_compressor": peer}
     res["gptq_w4g64_cost"] = cost(ours, peer)
-    t_ours, m_ours = res["gptq_w4g64_cost"]["ours_wall_s"], res["gptq_w4g64_cost"]["ours_peak_rss_bytes"]
     if a.repeats >= 2:
         h = [tensor_hash(work / f"ours-w4g64-{i}") for i in range(2)]
         res["determinism"] = {"recipe": "gptq w4 g64 act-order, brown-512", "identical": h[0] == h[1], "sha256": h}
@@ -194,15 +204,20 @@ def main() -> None:
         res["determinism"] = {"recipe": "gptq w4 g64 act-order, brown-512-smoke", "identical": h[0] == h[1], "sha256": h}
 
     quality = {"gptq_w4g64": eval_row(work / "ours-w4g64-0", dense)}
-    if peer:
+    print("gptq_w4g64", quality["gptq_w4g64"], flush=True)
+    if llmc_py:
         quality["llmc_gptq_w4g64"] = eval_row(work / "llmc-w4g64-0", dense)
+        print("llmc_gptq_w4g64", quality["llmc_gptq_w4g64"], flush=True)
     for name, args in {"rtn_w4g64": ["rtn", "--bits", "4", "--group-size", "64"],
                        "gptq_w3g64": ["gptq", "--bits", "3", "--group-size", "64", "--act-order", "--mse"],
                        "gptq_w8_per_channel": ["gptq", "--bits", "8", "--group-size", "0", "--act-order", "--mse"]}.items():
         out = work / name
-        shutil.rmtree(out, ignore_errors=True)
-        measured(compress_cmd(*args[:1], str(dense), *args[1:], "-o", str(out)), log=work / f"{name}.log")
+        if not (a.reuse and done(out)):
+            shutil.rmtree(out, ignore_errors=True)
+            measured(compress_cmd(*args[:1], str(dense), *args[1:], "-o", str(out)), log=work / f"{name}.log")
         quality[name] = eval_row(out, dense)
+        res["quality"] = quality
+        save("quant", res)
         print(name, quality[name], flush=True)
     res["quality"] = quality
 
