@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from compress.errors import CompressError
@@ -51,3 +52,10 @@ def build_module(original: nn.Module, entry: dict) -> nn.Module:
         raise CompressError(f"unknown module kind {kind!r} in compression.json",
                             "upgrade compress to a version that knows this representation")
     return MODULE_KINDS[kind](original, entry)
+
+
+def original_dtype(original: nn.Module) -> torch.dtype:
+    """The floating dtype a replacement module should take: the replaced module's weight dtype,
+    float32 when it has no floating weight (e.g. a meta placeholder without one)."""
+    w = getattr(original, "weight", None)
+    return w.dtype if w is not None and w.is_floating_point() else torch.float32

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from compress.modules.kinds import register_kind
+from compress.modules.kinds import original_dtype, register_kind
 from kernels._triton import use_triton
 from kernels.lowrank import lowrank_matmul
 
@@ -113,10 +113,7 @@ class LowRankLinear(nn.Module):
 
 @register_kind("lowrank")
 def _build_lowrank(original: nn.Module, entry: dict) -> LowRankLinear:
-    dtype = torch.float32
-    w = getattr(original, "weight", None)
-    if w is not None and w.is_floating_point():
-        dtype = w.dtype
+    dtype = original_dtype(original)
     return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"],
                          heads=entry.get("heads", 1), bias=entry.get("bias", False),
                          dtype=dtype, device="meta")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.algos.quant import QuantizedWeight
-from compress.modules.kinds import register_kind
+from compress.modules.kinds import original_dtype, register_kind
 from kernels.packing import group_index, pack_int32, packed_len, unpack_int32
 from kernels.quant_matmul import dequantize, path_label, quant_matmul
 
@@ -134,10 +134,7 @@ def dense_cache(root: nn.Module) -> Iterator[None]:
 
 @register_kind("quant")
 def _build_quant(original: nn.Module, entry: dict) -> QuantLinear:
-    dtype = torch.float32
-    w = getattr(original, "weight", None)
-    if w is not None and w.is_floating_point():
-        dtype = w.dtype
+    dtype = original_dtype(original)
     return QuantLinear(entry["in_features"], entry["out_features"], entry["bits"],
                        entry["group_size"], entry["symmetric"], entry.get("bias", False),
                        dtype, device="meta")
