@@ -50,9 +50,9 @@ def inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Te
 
 def _block_size(block_size: int, spec: QuantSpec, in_f: int) -> int:
     """Blocks hold whole groups, so a group's grid is always computed from updated columns."""
-    if spec.group_size is None or spec.group_size >= in_f:
+    if spec.per_channel(in_f):
         return block_size
-    g = spec.group_size
+    g = spec.group_width(in_f)
     return g * max(1, block_size // g)
 
 
@@ -85,7 +85,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     W[:, dead] = 0.0
     static = static_groups or act_order
     gw = spec.group_width(in_f)
-    grids = _static_grids(W, spec) if static or spec.group_size is None else None
+    # a per-channel grid (group ≥ row width included) spans every block, so it is fixed up front
+    grids = _static_grids(W, spec) if static or spec.per_channel(in_f) else None
 
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     if perm is not None:

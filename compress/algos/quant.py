@@ -47,7 +47,12 @@ class QuantSpec:
         return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
 
     def group_width(self, in_features: int) -> int:
-        return in_features if self.group_size is None else self.group_size
+        """Columns per group for a layer of ``in_features`` inputs (a group never exceeds the row)."""
+        return in_features if self.group_size is None else min(self.group_size, in_features)
+
+    def per_channel(self, in_features: int) -> bool:
+        """One scale per output row: no group size, or one at least as wide as the row."""
+        return self.group_width(in_features) == in_features
 
 
 @dataclass
