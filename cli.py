@@ -409,9 +409,30 @@ def generate(
                   f"prompt {res.prompt_tokens} tokens, served by {res.served_by}", highlight=False, soft_wrap=True)
 
 
+def _usage_error_classes() -> tuple[type[BaseException], ...]:
+    """The ``ClickException`` classes the installed typer can raise: typer ≥ 0.29 vendors click
+    as ``typer._click``; older typer raises the separate ``click`` package's exceptions."""
+    import importlib
+
+    classes: list[type[BaseException]] = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), "ClickException", None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in classes:
+            classes.append(cls)
+    # whatever typer re-exports as BadParameter, walked up to its ClickException base
+    for cls in getattr(typer.BadParameter, "__mro__", ()):
+        if cls.__name__ == "ClickException" and cls not in classes:
+            classes.append(cls)
+    return tuple(classes)
+
+
 def main() -> None:
     """Console entry point: one line and exit code 2 for user errors, no tracebacks."""
     _register_pass_commands()
+    usage_errors = _usage_error_classes()
     try:
         rv = app(standalone_mode=False)  # Typer returns exit codes (Ctrl-C → 130) in this mode
         if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
@@ -433,14 +454,18 @@ def main() -> None:
     except typer.Abort:
         console.print("[red]aborted[/red]")
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except usage_errors as e:  # usage errors arrive here in non-standalone mode
+        e.show()  # usage line + "Error: ..." (bare `compress`: the help text)
+        sys.exit(getattr(e, "exit_code", 2))
+    except Exception as e:
+        # an abort/exit class of the other click flavour (e.g. click.exceptions.Abort)
+        name = type(e).__name__
+        if name == "Abort":
+            console.print("[red]aborted[/red]")
+            sys.exit(130)
+        if name == "Exit" and isinstance(getattr(e, "exit_code", None), int):
             sys.exit(e.exit_code)
         raise
-
 
 if __name__ == "__main__":
     main()
