@@ -459,7 +459,7 @@ def main() -> None:
         sys.exit(getattr(e, "exit_code", 2))
     except Exception as e:
         # an abort/exit class of the other click flavour (e.g. click.exceptions.Abort)
-        name = type(e).__name__
+        name = type(e).__name__ if type(e).__module__.split(".")[0] in ("click", "typer") else ""
         if name == "Abort":
             console.print("[red]aborted[/red]")
             sys.exit(130)
