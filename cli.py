@@ -220,7 +220,7 @@ def _print_eval(res) -> None:  # noqa: ANN001
         out_console.print(encoder_table(res))
         return
 
-    t = Table(title=f"evaluation ({res.protocol}, token perplexity)")
+    t = Table(title=f"evaluation ({res.protocol}, {res.eval_windows} windows, token perplexity)")
     t.add_column("metric")
     t.add_column("value", justify="right")
     rows = [("PPL", f"{res.ppl:.3f}"),
@@ -231,6 +231,7 @@ def _print_eval(res) -> None:  # noqa: ANN001
              "—" if res.effective_bits is None else f"{res.effective_bits:.3f}"),
             ("mean KL(dense‖compressed)", "—" if res.kl_mean is None else f"{res.kl_mean:.4f}"),
             ("top-1 agreement", "—" if res.top1_agreement is None else f"{res.top1_agreement:.4f}"),
+            ("eval windows", str(res.eval_windows)),
             ("eval tokens", str(res.eval_tokens))]
     for r in rows:
         t.add_row(*r)
@@ -247,13 +248,15 @@ def eval_cmd(
 ) -> None:
     """Perplexity, dense perplexity, size and fidelity (KL, top-1) under a named protocol."""
     from compress.assets import resolve_model
+    from compress.calib.protocol import corpus_protocol_name
     from compress.eval import evaluate
 
     res = evaluate(model, against, protocol=protocol, data=data)
     _print_eval(res)
     mdir = resolve_model(model)
-    if json_path is None:
-        json_path = (mdir if (mdir / "compression.json").is_file() else Path.cwd()) / f"eval-{protocol}.json"
+    if json_path is None:  # named after the protocol as applied to the data (other.txt → other-512)
+        name = corpus_protocol_name(protocol, data)
+        json_path = (mdir if (mdir / "compression.json").is_file() else Path.cwd()) / f"eval-{name}.json"
     json_path.write_text(res.to_json() + "\n")
     console.print(f"wrote {json_path}")
 

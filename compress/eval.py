@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from compress.arch import get_adapter
 from compress.calib.corpus import load_corpus
-from compress.calib.protocol import eval_windows, get_protocol, split_lines, tokenize_joined
+from compress.calib.protocol import (
+    corpus_protocol_name, eval_windows, get_protocol, split_lines, tokenize_joined)
 from compress.checkpoint import CheckpointReader
 
 if TYPE_CHECKING:
@@ -31,7 +32,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class EvalResult:
-    """One evaluation (every figure names its protocol)."""
+    """One evaluation (every figure names its protocol).
+
+    ``protocol`` is the protocol as applied to the evaluated corpus (``brown-512``, or
+    ``other-512`` for ``--data other.txt``); ``eval_windows`` is how many windows were scored
+    (fewer than the protocol's when the text is short)."""
 
     protocol: str
     model: str
@@ -45,6 +50,8 @@ class EvalResult:
     compressed_params: int
     eval_tokens: int
     seconds: float
+    eval_windows: int = 0
+    data: str = "brown"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -126,9 +133,11 @@ def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
         dense_bytes = CheckpointReader(resolve_model(str(against))).total_bytes()
     bits, params = compressed_size(reader, manifest)
     return EvalResult(
-        protocol=protocol, model=str(model_dir), ppl=math.exp(s["nll"] / s["tokens"]),
+        protocol=corpus_protocol_name(protocol, data), model=str(model_dir),
+        ppl=math.exp(s["nll"] / s["tokens"]),
         dense_ppl=dense_ppl, kl_mean=s["kl"] / s["tokens"] if dense else None,
         top1_agreement=s["agree"] / s["tokens"] if dense else None,
         bytes_on_disk=reader.total_bytes(), dense_bytes_on_disk=dense_bytes,
         effective_bits=bits, compressed_params=params, eval_tokens=int(s["tokens"]),
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, eval_windows=int(windows.shape[0]),
+        data="brown" if data in (None, "brown") else str(Path(data).resolve()))

@@ -25,7 +25,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from compress.calib.corpus import load_corpus
-from compress.calib.protocol import get_protocol, split_lines
+from compress.calib.protocol import corpus_protocol_name, get_protocol, split_lines
 from compress.checkpoint import CheckpointReader
 from compress.errors import CompressError
 
@@ -158,7 +158,8 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
         dense_bytes = CheckpointReader(dense_dir).total_bytes()
     bits, params = compressed_size(reader, manifest)
     return EncoderEvalResult(
-        protocol=proto.name, model=str(model_dir), cosine_mean=stats["mean"], cosine_min=stats["min"],
+        protocol=corpus_protocol_name(proto.name, data), model=str(model_dir),
+        cosine_mean=stats["mean"], cosine_min=stats["min"],
         cosine_p05=stats["p05"], cosine_p50=stats["p50"], bytes_on_disk=reader.total_bytes(),
         dense_bytes_on_disk=dense_bytes, effective_bits=bits, compressed_params=params,
         sentences=len(sentences), served=served, seconds=time.perf_counter() - t0)
@@ -166,7 +167,8 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
 
 def encoder_table(res: EncoderEvalResult) -> Table:
     """The rich table ``compress eval`` prints for an encoder."""
-    t = Table(title=f"evaluation ({res.protocol}, mean-pooled sentence embeddings)")
+    t = Table(title=f"evaluation ({res.protocol}, {res.sentences} sentences, "
+                    "mean-pooled sentence embeddings)")
     t.add_column("metric")
     t.add_column("value", justify="right")
 

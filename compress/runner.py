@@ -23,7 +23,8 @@ from compress.arch import Adapter, get_adapter
 from compress.calib.corpus import load_corpus
 from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
 from compress.calib.protocol import (
-    Protocol, calibration_windows, fingerprint, get_protocol, split_lines, tokenize_joined)
+    Protocol, calibration_windows, corpus_protocol_name, fingerprint, get_protocol, split_lines,
+    tokenize_joined)
 from compress.checkpoint import CheckpointReader, CheckpointWriter, prepare_output
 from compress.errors import CompressError
 from compress.model import (
@@ -64,11 +65,16 @@ class Calibration:
 
 
 def make_protocol(cal: CalibrationConfig) -> Protocol:
-    """The named protocol, with ``n_samples`` / ``seq_len`` overrides renamed ``-custom``."""
+    """The named protocol; a reduced or changed calibration gets its own name: an ``n_samples``
+    override appends ``-c<N>`` (``brown-512-c32``), a ``seq_len`` override ``-s<L>``."""
     proto = get_protocol(cal.protocol)
-    upd = {k: v for k, v in (("n_calib", cal.n_samples), ("seq_len", cal.seq_len)) if v is not None}
+    name, upd = proto.name, {}
+    if cal.n_samples is not None and cal.n_samples != proto.n_calib:
+        name, upd["n_calib"] = f"{name}-c{cal.n_samples}", cal.n_samples
+    if cal.seq_len is not None and cal.seq_len != proto.seq_len:
+        name, upd["seq_len"] = f"{name}-s{cal.seq_len}", cal.seq_len
     if upd:
-        proto = proto.model_copy(update={**upd, "name": f"{proto.name}-custom"})
+        proto = proto.model_copy(update={**upd, "name": name})
     return proto
 
 
@@ -77,6 +83,9 @@ def load_calibration(src: Path, cal: CalibrationConfig, config: dict) -> Calibra
     from transformers import AutoTokenizer
 
     proto = make_protocol(cal)
+    named = corpus_protocol_name(proto.name, cal.data)  # other text: not a brown name
+    if named != proto.name:
+        proto = proto.model_copy(update={"name": named})
     ctx = config.get("max_position_embeddings")
     if ctx is not None and proto.seq_len > int(ctx):
         raise CompressError(f"seq_len {proto.seq_len} exceeds the model's context of {ctx} tokens",

@@ -4,12 +4,15 @@
 Calibration draws 128 windows of 512 tokens at offsets drawn uniformly from the tokenised
 calibration split with ``torch.Generator().manual_seed(0)``. Evaluation tokenises the
 ``"\\n"``-joined test lines once and takes the first 40 non-overlapping 512-token windows.
-Smaller variants carry ``-smoke`` in their name.
+Smaller variants carry ``-smoke`` in their name; a protocol applied to another corpus is named
+after it (:func:`corpus_protocol_name`: ``brown-512`` on ``other.txt`` is ``other-512``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +45,32 @@ def get_protocol(name: str) -> Protocol:
         raise CompressError(f"unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})",
                             "pick one of the named protocols")
     return PROTOCOLS[name]
+
+
+def corpus_protocol_name(name: str, data: str | Path | None) -> str:
+    """The name of protocol ``name`` applied to the corpus ``data`` (``None``/``"brown"`` or a path).
+
+    The brown corpus keeps the name (``brown-512``, ``brown-512-smoke``); any other file replaces
+    the leading ``brown`` by the file's stem and keeps the suffixes (``other.txt`` →
+    ``other-512``, ``other-512-smoke``, ``other-512-c32``), so no figure computed on other text
+    carries a brown name. A file named ``brown.*`` that is not the brown corpus becomes
+    ``file-brown-…``.
+    """
+    if data is None or str(data) == "brown":
+        return name
+    path = Path(data)
+    stem = re.sub(r"[^A-Za-z0-9._]+", "-", path.stem).strip("-") or "data"
+    if stem.lower() == "brown":
+        try:
+            from compress.assets import brown_corpus_path
+
+            if path.resolve() == brown_corpus_path().resolve():
+                return name
+        except Exception:  # noqa: BLE001  (no brown corpus here: the file cannot be it)
+            pass
+        stem = "file-brown"
+    rest = name[len("brown"):] if name.startswith("brown") else f"-{name}"
+    return stem + rest
 
 
 def split_lines(lines: list[str], protocol: Protocol) -> tuple[list[str], list[str]]:
