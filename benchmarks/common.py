@@ -13,6 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# the converted smollm2-135m asset: fp32 tensors, but every linear was Q4_1 in the GGUF it comes from
+SMOLLM2_LABEL = "SmolLM2-135M-Instruct (fp32, dequantized from the Q4_1 GGUF)"
 
 
 def machine() -> dict:
@@ -76,8 +78,40 @@ def median(xs: list[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def save(name: str, data: dict) -> Path:
+def _write(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)  # a crash mid-write never leaves half a JSON behind
     return path
+
+
+def merge_save(name: str, sections: dict, *, nested: dict[str, tuple[str, ...] | None] | None = None) -> Path:
+    """Merge ``sections`` into ``benchmarks/results/<name>.json`` and write it.
+
+    The file is re-read just before writing, every top-level key this run computed replaces the
+    one on disk, and every other key is kept: a full run never drops what ``--timing-only``,
+    ``--depth-only`` or a separate ``--sections`` run wrote (nor the other way round).
+    ``nested`` names sections merged one level deeper: ``None`` for a dict section (its entries
+    are merged, e.g. ``quality`` rows by name, ``commands`` by section), a tuple of fields for a
+    list of row dicts (rows with the same values of those fields are replaced, others kept).
+    """
+    nested = nested or {}
+    path = RESULTS / f"{name}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in sections.items():
+        old = data.get(key)
+        if key in nested and isinstance(old, dict) and isinstance(value, dict):
+            value = {**old, **value}
+        elif key in nested and isinstance(old, list) and isinstance(value, list):
+            fields = nested[key] or ()
+
+            def ident(row: object, fields: tuple[str, ...] = fields) -> object:
+                return tuple(row.get(f) for f in fields) if isinstance(row, dict) else json.dumps(row)
+
+            rows = {ident(r): r for r in old}
+            rows.update({ident(r): r for r in value})
+            value = list(rows.values())
+        data[key] = value
+    return _write(name, data)

@@ -48,7 +48,8 @@ if not torch.cuda.is_available():  # must precede the first triton import
 
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import RESULTS, compress_cmd, machine, measured, save  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save)
 from benchmarks.kernel_cases import (  # noqa: E402
     DTYPES, TOLERANCE, lowrank_reference, make_factors, make_quant_case, quant_reference, rel_err,
     triton_lowrank, triton_quant, twin_quant,
@@ -229,7 +230,7 @@ def e2e(protocol: str = "brown-512") -> dict:
     return {
         "protocol": protocol, "model": str(out), "made_now": made, "quantized_modules": swapped,
         "eval_tokens": s_auto["tokens"], "ppl_dispatcher": p_auto, "ppl_dispatcher_planes": p_planes,
-        "ppl_dequant_reference": p_ref, "ppl_dense_source": ppl(s_dense),
+        "ppl_dequant_reference": p_ref, "ppl_dense_source": ppl(s_dense), "dense_source": SMOLLM2_LABEL,
         "rel_diff_dispatcher": abs(p_auto - p_ref) / p_ref, "rel_diff_planes": abs(p_planes - p_ref) / p_ref,
         "kl_reference_vs_dispatcher": s_auto["kl"] / s_auto["tokens"],
         "top1_agreement_reference_vs_dispatcher": s_auto["agree"] / s_auto["tokens"],
@@ -301,14 +302,11 @@ def main() -> None:
             print("e2e:", {k: v for k, v in data["e2e"].items() if k.startswith(("ppl", "rel", "pass"))})
         else:
             raise SystemExit(f"unknown section {section!r}")
-        # merge: re-read just before writing, so sections run separately never clobber each other
-        merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged.update(data)
-        merged["machine"] = machine()
-        merged.setdefault("commands", {})[section] = (
-            f"python benchmarks/kernels.py --sections {section}"
-            + (f" --repeats {args.repeats}" if section in ("cpu", "bench") else ""))
-        save("kernels", merged)
+        # merged into what is on disk, so sections run separately never clobber each other
+        command = (f"python benchmarks/kernels.py --sections {section}"
+                   + (f" --repeats {args.repeats}" if section in ("cpu", "bench") else ""))
+        merge_save("kernels", {**data, "machine": machine(), "commands": {section: command}},
+                   nested={"commands": None})
     print(f"wrote {path}")
 
 

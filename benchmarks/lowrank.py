@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, compress_cmd, machine, measured, save  # noqa: E402
+from benchmarks.common import RESULTS, compress_cmd, machine, measured, merge_save  # noqa: E402
 
 NAME = "lowrank"
 RATIOS = (0.9, 0.8, 0.6, 0.5)
@@ -197,10 +197,15 @@ def quality_row(model: str, ratio: float, whiten: bool, protocol: str, calib_sam
         args += ["--n-samples", str(calib_samples)]
     run = measured(compress_cmd(*args), env=_one_thread_env(), log=log)
     res = evaluate(out, src, protocol=protocol)
+    # the calibration protocol as the run recorded it: a reduced one has its own name
+    # (brown-512 on 32 windows is brown-512-c32); None when nothing was calibrated
+    cal = json.loads((out / "compression.json").read_text()).get("calibration") or {}
+    calib_name = cal.get("protocol")
     row = {"model": model, "ratio": ratio, "whiten": whiten, "compress_wall_s": run["wall_s"],
            "compress_peak_rss_bytes": run["peak_rss_bytes"], "command": "compress " + " ".join(args),
-           "calibration": (f"{protocol} calibration windows, {calib_samples or 'all'} samples"
-                           if whiten else "none (plain SVD reads no data)"),
+           "calibration_protocol": calib_name,
+           "calibration": (f"{calib_name}: {cal.get('windows', ['?'])[0]} windows of the {protocol} "
+                           "calibration split" if calib_name else "none (plain SVD reads no data)"),
            **{k: v for k, v in vars(res).items() if k not in ("model",)}}
     print(f"quality {model} ratio {ratio} {'white' if whiten else 'plain'}: "
           + (f"PPL {res.ppl:.3f} (dense {res.dense_ppl:.3f})" if hasattr(res, "ppl")
@@ -419,12 +424,10 @@ def encoder_calibration_ablation() -> dict:
 
 # -- driver ---------------------------------------------------------------------------------------
 def _checkpoint(section: str, value: object) -> None:
-    path = RESULTS / f"{NAME}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[section] = value
-    data.pop("command", None)  # superseded by per-section "commands"
-    data["machine"] = machine()
-    save(NAME, data)
+    """Merge one section into the JSON (quality rows by model/ratio/whiten, commands by section);
+    every other key on disk is kept."""
+    merge_save(NAME, {section: value, "machine": machine()},
+               nested={"quality": ("model", "ratio", "whiten"), "commands": None})
 
 
 def main() -> None:
@@ -451,6 +454,7 @@ def main() -> None:
         calib = {k: int(v) for k, v in (kv.split("=") for kv in args.calib_samples.split(",") if kv)}
         rows = run_quality(old.get("quality", []) if args.resume else [], args.protocol, calib)
         _checkpoint("quality", rows)
+        rows = json.loads(path.read_text())["quality"]  # merged: this run's rows and earlier ones
         _checkpoint("whitened_better_at_every_ratio", whitened_wins(rows))
     if "exactness" in sections:
         ex = {"per_layer_full_rank": {m: layer_exactness(m) for m in MODELS}, "fused_vs_unfused": fused_exactness()}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import shutil
 import subprocess
@@ -31,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from benchmarks.common import RESULTS, ROOT, compress_cmd, machine, measured, median, save  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT, SMOLLM2_LABEL, compress_cmd, machine, measured, median, merge_save)
 from compress.assets import cache_dir, materialize  # noqa: E402
 from compress.checkpoint import CheckpointReader, CheckpointWriter  # noqa: E402
 from compress.eval import eval_token_windows, evaluate, score  # noqa: E402
@@ -160,13 +160,10 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-quant-", dir=cache_dir()))
     work.mkdir(parents=True, exist_ok=True)
     if a.depth_only:
-        path = RESULTS / "quant.json"
-        full = json.loads(path.read_text()) if path.is_file() else {}
-        full["depth_memory"] = {**depth_memory(dense, work),
-                                "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}
-        print(save("quant", full))
+        print(merge_save("quant", {"depth_memory": {
+            **depth_memory(dense, work), "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}}))
         return
-    res: dict = {"machine": machine(), "protocol": PROTOCOL, "model": "SmolLM2-135M-Instruct (fp32)",
+    res: dict = {"machine": machine(), "protocol": PROTOCOL, "model": SMOLLM2_LABEL,
                  "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}
 
     # the exact calibration windows our protocol draws, handed to llm-compressor too
@@ -183,11 +180,9 @@ def main() -> None:
 
     ours, peer = timed_runs(dense, work, windows, llmc_py, a.repeats, "t-" if a.timing_only else "", a.reuse)
     if a.timing_only:
-        path = RESULTS / "quant.json"
-        full = json.loads(path.read_text()) if path.is_file() else {}
-        full["gptq_w4g64_timing"] = {"command": res["command"], "machine": res["machine"],
-                                     "runs": {"ours": ours, "llm_compressor": peer}, **cost(ours, peer)}
-        print(save("quant", full))
+        print(merge_save("quant", {"gptq_w4g64_timing": {
+            "command": res["command"], "machine": res["machine"],
+            "runs": {"ours": ours, "llm_compressor": peer}, **cost(ours, peer)}}))
         return
     res["gptq_w4g64_runs"] = {"ours": ours, "llm_compressor": peer}
     res["gptq_w4g64_cost"] = cost(ours, peer)
@@ -217,7 +212,7 @@ def main() -> None:
             measured(compress_cmd(*args[:1], str(dense), *args[1:], "-o", str(out)), log=work / f"{name}.log")
         quality[name] = eval_row(out, dense)
         res["quality"] = quality
-        save("quant", res)
+        merge_save("quant", res, nested={"quality": None})  # earlier rows and sections stay
         print(name, quality[name], flush=True)
     res["quality"] = quality
 
@@ -229,7 +224,7 @@ def main() -> None:
     if not a.skip_deep:
         res["depth_memory"] = depth_memory(dense, work)
         print("deep", res["depth_memory"], flush=True)
-    print(save("quant", res))
+    print(merge_save("quant", res, nested={"quality": None}))
 
 
 if __name__ == "__main__":

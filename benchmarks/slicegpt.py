@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, ROOT, compress_cmd, machine, measured, save  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS, ROOT, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save)
 from benchmarks.quant import deep_variant  # noqa: E402
 from compress.algos.slicegpt import orthonormality_error  # noqa: E402
 from compress.api import load  # noqa: E402
@@ -94,17 +95,9 @@ def sweep_row(dense: Path, work: Path, name: str, cmd: list[str]) -> dict:
 
 
 def store(res: dict) -> Path:
-    """Save ``res`` merged with what another process of this script may have saved meanwhile
-    (sweep rows by name; other sections: ours where we have them)."""
-    path = RESULTS / "slicegpt.json"
-    if path.is_file():
-        disk = json.loads(path.read_text())
-        rows = {r["name"]: r for r in disk.get("sweep", [])}
-        rows.update({r["name"]: r for r in res.get("sweep", [])})
-        res = {**disk, **res}
-        if rows:
-            res["sweep"] = list(rows.values())
-    return save("slicegpt", res)
+    """Save ``res`` merged with what is on disk (another process of this script may have saved
+    meanwhile): sweep rows by name, commands by key, other sections ours where we have them."""
+    return merge_save("slicegpt", res, nested={"sweep": ("name",), "commands": None})
 
 
 def main() -> None:
@@ -120,7 +113,7 @@ def main() -> None:
     path = RESULTS / "slicegpt.json"
     res: dict = json.loads(path.read_text()) if path.is_file() else {}
     res.pop("monotone", None)
-    res.update({"machine": machine(), "protocol": PROTOCOL, "model": "SmolLM2-135M-Instruct (fp32)",
+    res.update({"machine": machine(), "protocol": PROTOCOL, "model": SMOLLM2_LABEL,
                 "reference": REFERENCE})
     res.setdefault("commands", {})["slicegpt"] = "python benchmarks/slicegpt.py " + " ".join(sys.argv[1:])
 
