@@ -107,3 +107,15 @@ def test_calibration_on_other_text_is_recorded_under_its_name(
     assert meta["notes"]["calibration"]["protocol"] == expected
     n = 4 if extra else 8
     assert meta["calibration"]["windows"][0] == n and meta["notes"]["calibration"]["windows"][0] == n
+
+
+def test_encoder_eval_on_other_text_is_named_after_it(tiny_bert: Path, other_txt: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_cli(["eval", str(tiny_bert), "--protocol", "brown-128-smoke",
+                                 "--data", str(other_txt)], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "eval-other-128-smoke.json").read_text())
+    assert res["protocol"] == "other-sentences-64-smoke" and res["sentences"] == 6  # 60 lines: 6 test lines
+    assert "other-sentences-64-smoke, 6 sentences" in stdout and "brown" not in stdout
