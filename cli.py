@@ -70,7 +70,26 @@ def _execute(recipe, model: str, output: Path, overwrite: bool) -> Path:
     if report.is_file():
         print_table(read_json(report), console, title=f"{out.name}: per-layer report")
     console.print(f"[green]wrote[/green] {out}")
+    for line in _output_notes(json.loads((out / "compression.json").read_text())):
+        console.print(line, highlight=False, soft_wrap=True)
     return out
+
+
+def _output_notes(manifest: dict) -> list[str]:
+    """What a user must know about an output: the group size chosen for them, and where it loads."""
+    lines = []
+    group = (manifest.get("notes") or {}).get("group_size")
+    if group and group.get("requested") == "auto":
+        gs = group.get("group_size")
+        lines.append(f"group size: auto → {gs if gs is not None else 'per channel'}")
+    export = manifest.get("export") or {}
+    kinds = {e.get("kind") for e in manifest.get("modules", {}).values()}
+    if "quant" in kinds:
+        if export.get("compressed_tensors"):
+            lines.append("loads in: compress.load, and transformers with compressed-tensors installed")
+        else:
+            lines.append(f"loads in: compress.load only: {export.get('reason')}")
+    return lines
 
 
 # -- generated per-pass commands ------------------------------------------------------------
@@ -85,6 +104,9 @@ def _option_type(annotation: Any) -> tuple[Any, str]:
     if origin is list:
         return Optional[list[str]], " (repeatable)"
     non_none = [a for a in args if a is not type(None)]
+    words = [w for a in non_none if get_origin(a) is Literal for w in get_args(a)]
+    if words and len(non_none) > 1:  # e.g. `int | Literal["auto"] | None`: a number or a word
+        return Optional[str], f" ({' or '.join(map(str, words))} or a number)"
     if non_none and len(non_none) == 1:
         return Optional[non_none[0]], ""
     if str in non_none:  # e.g. `dict | str`: the command line passes the string form (a path)
@@ -155,7 +177,9 @@ def quantize(
     output: OutOpt,
     bits: Annotated[int, typer.Option(help="code width: 2, 3, 4 or 8")] = 4,
     method: Annotated[Method, typer.Option(case_sensitive=False, help="quantiser")] = Method.gptq,
-    group_size: Annotated[int, typer.Option(help="columns per scale; 0 = per channel")] = 128,
+    group_size: Annotated[Optional[int], typer.Option(
+        help="columns per scale; 0 = per channel [default: auto: the largest of 128/64/32 that divides "
+             "every quantised width]", show_default=False)] = None,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="symmetric grids")] = True,
     act_order: Annotated[bool, typer.Option(help="GPTQ: quantise by decreasing Hessian diagonal")] = True,
     mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="MSE-clipped grids (default: on for gptq, off for rtn)",
@@ -165,7 +189,9 @@ def quantize(
     n_samples: SamplesOpt = None, seq_len: SeqOpt = None, batch_size: BatchOpt = 8, seed: SeedOpt = 0,
 ) -> None:
     """Quantise every linear of MODEL's blocks (RTN or GPTQ) into the pack-quantized format."""
-    cfg: dict[str, Any] = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+    cfg: dict[str, Any] = {"bits": bits, "symmetric": symmetric}
+    if group_size is not None:
+        cfg["group_size"] = group_size
     if mse is not None:
         cfg["mse"] = mse
     if method is Method.gptq:

@@ -61,11 +61,32 @@ def reader_manifest(reader: CheckpointReader) -> dict:
     """Our ``compression.json``, or one derived from a foreign compressed-tensors config."""
     own = reader.manifest()
     if own is not None:
-        return own
+        return migrate_manifest(own, reader)
     qc = reader.config.get("quantization_config")
     if qc and qc.get("quant_method") == "compressed-tensors":
         return {"modules": {}, "transforms": [], "compressed_tensors": qc}
     return {"modules": {}, "transforms": []}
+
+
+def migrate_manifest(manifest: dict, reader: CheckpointReader) -> dict:
+    """Bring a manifest written by an earlier release to the current format (in memory).
+
+    * version 1 → 2: 3-bit codes were packed ten to an int32 word; the quant entries are marked
+      ``packing: legacy-v1`` so their modules read that layout and repack it to the dense stream.
+
+    A manifest from a newer release is refused: its meaning cannot be guessed.
+    """
+    from compress.provenance import FORMAT_VERSION
+
+    version = manifest.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CompressError(f"{reader.path}/compression.json has format version {version!r}; this compress "
+                            f"reads versions 1..{FORMAT_VERSION}", "upgrade compress to read this checkpoint")
+    if version < 2:
+        manifest = dict(manifest, modules={
+            n: dict(e, packing="legacy-v1") if e.get("kind") == "quant" else e
+            for n, e in manifest.get("modules", {}).items()})
+    return manifest
 
 
 def apply_manifest(model: nn.Module, manifest: dict, adapter: Adapter) -> None:
@@ -154,6 +175,10 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader,
             owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         else:
             owner._buffers[leaf] = t
+    for m in module.modules():  # e.g. repack a legacy layout once its tensors are real
+        hook = getattr(m, "after_materialize", None)
+        if callable(hook):
+            hook()
 
 
 def _slots(module: nn.Module):

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from compress.recipe import Recipe
     from compress.runner import Calibration
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: 3-bit codes packed as one dense bit stream (compressed-tensors ≥ 0.19); 1: ten to a word."""
 _NOT_COPIED = {"config.json", "compression.json", "recipe.yaml", "model.safetensors.index.json"}
 
 
@@ -62,20 +63,53 @@ def provenance(reader: CheckpointReader, recipe: Recipe, stage: int, calib: Cali
 
 
 def _scheme(entry: dict) -> tuple:
+    """What a compressed-tensors config group holds: bits, group (None = channel), symmetry,
+    act-order and observer (entries written before these were recorded read as off/minmax)."""
     per_channel = entry["group_size"] >= entry["in_features"]
-    return (entry["bits"], None if per_channel else entry["group_size"], entry["symmetric"])
+    return (entry["bits"], None if per_channel else entry["group_size"], entry["symmetric"],
+            bool(entry.get("act_order", False)), entry.get("observer", "minmax"))
 
 
-def export_quantization_config(config: dict, modules: dict[str, dict], adapter: Adapter) -> dict:
-    """``config.json`` with a compressed-tensors ``quantization_config`` for quantised linears.
+def ecosystem_refusal(modules: dict[str, dict], transforms: list[dict]) -> str | None:
+    """Why plain ``transformers`` + ``compressed-tensors`` could not load this output (None: it can)."""
+    if transforms:
+        kinds = ", ".join(sorted({t.get("kind", "?") for t in transforms}))
+        return f"the model's shapes were changed ({kinds}); transformers cannot rebuild them from config.json"
+    if not modules:
+        return "nothing was quantised"
+    other = sorted({e.get("kind") for e in modules.values()} - {"quant"})
+    if other:
+        return f"{', '.join(other)} modules have no compressed-tensors format"
+    asym = sorted(n for n, e in modules.items() if not e.get("symmetric", True))
+    if asym:
+        return (f"asymmetric zero points ({len(asym)} linear(s)): transformers 5 with compressed-tensors "
+                "0.20 allocates them unpacked and refuses the packed tensors the format defines; "
+                "quantise symmetrically for an output transformers loads")
+    ragged = sorted(n for n, e in modules.items()
+                    if e["in_features"] > e["group_size"] and e["in_features"] % e["group_size"])
+    if ragged:
+        e = modules[ragged[0]]
+        return (f"group size {e['group_size']} leaves a ragged last group in {len(ragged)} linear(s) "
+                f"(e.g. {ragged[0]}, {e['in_features']} inputs), which compressed-tensors cannot "
+                "dequantize; choose a group size that divides every input width")
+    return None
+
+
+def export_quantization_config(config: dict, modules: dict[str, dict], transforms: list[dict],
+                               adapter: Adapter) -> tuple[dict, dict]:
+    """``config.json`` (with a compressed-tensors ``quantization_config`` when, and only when,
+    plain ``transformers`` + ``compressed-tensors`` can load the output) and the ``export``
+    record of ``compression.json`` saying which it is and why.
 
     The most common scheme targets ``Linear``; other schemes list their modules by name; every
     linear that stays dense (the head, anything ignored) goes into ``ignore``.
     """
     config = {k: v for k, v in config.items() if k != "quantization_config"}
-    quant = {n: e for n, e in modules.items() if e.get("kind") == "quant"}
-    if not quant or any(e.get("kind") not in ("quant",) for e in modules.values()):
-        return config
+    refusal = ecosystem_refusal(modules, transforms)
+    export = {"compressed_tensors": refusal is None, "reason": refusal}
+    if refusal is not None:
+        return config, export
+    quant = modules
     counts = Counter(_scheme(e) for e in quant.values())
     default = counts.most_common(1)[0][0]
     groups: dict[str, dict] = {}
@@ -89,14 +123,17 @@ def export_quantization_config(config: dict, modules: dict[str, dict], adapter: 
         "quantization_status": "compressed", "config_groups": groups,
         "ignore": _dense_linears(config, quant, adapter), "kv_cache_scheme": None,
     }
-    return config
+    return config, export
 
 
-def _weights_args(bits: int, group_size: int | None, symmetric: bool) -> dict:
+def _weights_args(bits: int, group_size: int | None, symmetric: bool, act_order: bool,
+                  observer: str) -> dict:
+    """compressed-tensors ``QuantizationArgs`` of what was done: act-order with static groups is
+    its ``weight`` ordering (no ``g_idx``); the observer names how grids were chosen."""
     return {"num_bits": bits, "type": "int", "symmetric": symmetric,
             "strategy": "channel" if group_size is None else "group",
             "group_size": group_size, "block_structure": None, "dynamic": False,
-            "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+            "actorder": "weight" if act_order else None, "observer": observer, "observer_kwargs": {}}
 
 
 def _dense_linears(config: dict, quant: dict[str, dict], adapter: Adapter) -> list[str]:

@@ -136,6 +136,7 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
     adapter = get_adapter(reader.config)
     in_manifest = reader_manifest(reader)
     model = build_skeleton(reader, adapter, in_manifest)
+    the_pass.resolve(block_linears(model, adapter))
     calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
     trim()  # the corpus text and tokenizer buffers are garbage now
     t0 = time.perf_counter()
@@ -146,14 +147,26 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
         _blocks(run, the_pass, writer, progress)
         _tail(run, the_pass, writer)
         meta = provenance(reader, recipe, index, calib, in_manifest, time.perf_counter() - t0)
-        meta.update({"modules": run.modules, "transforms": run.transforms, "notes": run.notes})
-        writer.write_json("config.json", export_quantization_config(run.config, run.modules, adapter))
+        config, export = export_quantization_config(run.config, run.modules, run.transforms, adapter)
+        meta.update({"modules": run.modules, "transforms": run.transforms, "notes": run.notes,
+                     "export": export})
+        writer.write_json("config.json", config)
         writer.write_json("compression.json", meta)
         writer.write_text("recipe.yaml", recipe.to_yaml())
         side_files(reader.path, writer)
         if run.records:
             write_all(run.records, writer.directory / "reports", f"{spec.name} on {src.name}")
         writer.commit()
+    return out
+
+
+def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[str, int, int]]:
+    """(block-relative name, out_features, in_features) of every linear in every block."""
+    out = []
+    for layer in get_module(model, adapter.layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                out.append((name, mod.out_features, mod.in_features))
     return out
 
 

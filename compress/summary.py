@@ -45,6 +45,10 @@ def describe(model: str) -> Table:
         rows += [("made by", f"compress {manifest['tool']['version']} ({manifest['tool'].get('git_sha')})"),
                  ("stages", " → ".join(h["pass"] for h in manifest.get("history", []))),
                  ("calibration", str((manifest.get("calibration") or {}).get("protocol")))]
+    export = manifest.get("export")
+    if export is not None:
+        rows.append(("loads in", "compress.load and transformers + compressed-tensors"
+                     if export.get("compressed_tensors") else f"compress.load only ({export.get('reason')})"))
     for r in rows:
         t.add_row(*r)
     return t
@@ -72,6 +76,7 @@ def plan_recipe(recipe: Recipe, model: str) -> Group:
     for i, st in enumerate(recipe.stages):
         spec = get_pass(st.pass_name)
         the_pass = spec.pass_cls(st.config)
+        the_pass.resolve([(n[len(adapter.layers) + 1:].split(".", 1)[1], o, k) for n, (o, k) in shapes.items()])
         stages.add_row(str(i), spec.name, "yes" if spec.calibrates(st.config) else "no",
                        str(st.config.model_dump(exclude_defaults=True)))
         for name, (o, k) in shapes.items():

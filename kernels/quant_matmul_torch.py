@@ -5,7 +5,7 @@ compressed-tensors ``pack-quantized`` layout described in :mod:`kernels.packing`
 lookup-table variant where a code is an unsigned index into a per-layer codebook. They are written
 for CPU speed: the matmul never materialises the dense weight but works one code position of the
 packed words at a time (see :func:`matmul_dequantized`; the only Python loop is over the
-``32 // bits`` positions), and everything runs in fp32 (fp32 BLAS is the fast path on CPUs and gives
+code positions of one period of the stream), and everything runs in fp32 (fp32 BLAS is the fast path on CPUs and gives
 fp32 accumulation for fp16/bf16 activations). :func:`dequantize_weight` decodes the whole weight
 with one broadcast shift and applies group scales through a ``[N, G, group]`` view. Nothing is
 cached between calls.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.packing import SUPPORTED_BITS, pack_factor, packed_len
+from kernels.packing import SUPPORTED_BITS, code_plane, packed_len, period, unpack_stream
 
 PATHS = ("auto", "gemv", "fused", "dequant")
 PLANES_MAX_M = 256
@@ -120,13 +120,10 @@ def check_path(path: str) -> None:
 def unpack_rows(words: Tensor, bits: int, n: int) -> Tensor:
     """The stored unsigned codes of a row-packed int32 tensor: int32 ``[rows, n]``.
 
-    ``n`` may be at most ``words.shape[1] * (32 // bits)``; the padding codes past the logical
-    row length are returned too when asked for (they are zero in a well-formed tensor).
+    ``n`` may exceed the codes the words hold; the padding codes past the logical row length
+    are returned as 0 (as they are in a well-formed tensor).
     """
-    f = pack_factor(bits)
-    shifts = torch.arange(f, dtype=torch.int32, device=words.device) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, words, f]
-    return codes.reshape(words.shape[0], -1)[:, :n]  # [rows, words * f] -> [rows, n]
+    return unpack_stream(words, bits, n)
 
 
 def unpack_zero_points(zero_point: Tensor, bits: int, out_features: int) -> Tensor:
@@ -138,9 +135,7 @@ def _grouped_codes(w: PackedWeight) -> Tensor:
     """Stored codes as int32 ``[N, G, group_size]``, zero-padded past ``in_features``."""
     n_out, n_groups, g = w.out_features, w.n_groups, w.group_size
     padded = n_groups * g
-    codes = unpack_rows(w.packed, w.bits, min(padded, w.packed.shape[1] * pack_factor(w.bits)))
-    if codes.shape[1] < padded:  # ragged last group longer than the packed padding
-        codes = F.pad(codes, (0, padded - codes.shape[1]))
+    codes = unpack_rows(w.packed, w.bits, padded)  # zero past the packed stream
     return codes.reshape(n_out, n_groups, g)  # [N, G * g] -> [N, G, g]
 
 
@@ -159,27 +154,41 @@ def dequantize_weight(w: PackedWeight, dtype: torch.dtype = torch.float32) -> Te
     return dense[:, : w.in_features].to(dtype)
 
 
-def _dequantized_planes(w: PackedWeight) -> Iterator[tuple[int, Tensor]]:
-    """For each code position ``j`` of a word: fp32 ``[N, words]``, the weight columns ``word * f + j``.
+def _period_words(w: PackedWeight) -> Tensor:
+    """The packed words as int32 ``[N, periods, words (+ 1)]``: a zero word is appended to each
+    period when codes straddle words, so ``word + 1`` is always in range (a view otherwise)."""
+    p = period(w.bits)
+    if p.words == 1:
+        return w.packed.unsqueeze(-1)  # [N, words, 1]: no code straddles
+    n_periods = -(-w.packed.shape[1] // p.words)
+    packed = F.pad(w.packed, (0, n_periods * p.words - w.packed.shape[1]))
+    return F.pad(packed.view(w.out_features, n_periods, p.words), (0, 1))  # [N, periods, words + 1]
 
-    ``f = 32 // bits``. Each plane is a shift-and-mask of the whole packed tensor, decoded exactly
-    like :func:`dequantize_weight` (``scale * (code - zero)`` or ``scale * codebook[index]``, one
-    fp32 rounding). One plane exists at a time (``1/f`` of the weight). Columns past
-    ``in_features`` hold finite junk, to be met by zero activations.
+
+def _dequantized_planes(w: PackedWeight) -> Iterator[tuple[int, Tensor]]:
+    """For each code position ``j`` of a period: fp32 ``[N, periods]``, the weight columns
+    ``period * C + j`` where ``C`` codes fill one period of the stream (``32 // bits`` codes in
+    one word for 2/4/8 bits; 32 codes in 3 words for 3 bits, some straddling two words).
+
+    Each plane is a shift-and-mask of the packed words, decoded exactly like
+    :func:`dequantize_weight` (``scale * (code - zero)`` or ``scale * codebook[index]``, one fp32
+    rounding). One plane exists at a time (``1/C`` of the weight). Columns past ``in_features``
+    hold finite junk, to be met by zero activations.
     """
-    f = pack_factor(w.bits)
+    p = period(w.bits)
+    words = _period_words(w)  # [N, periods, words + 1]
     scale = w.scale.to(torch.float32)  # [N, G]
     zero = unpack_zero_points(w.zero_point, w.bits, w.out_features) if w.mode == "asym" else None  # [N, G]
     codebook = w.codebook.to(device=scale.device, dtype=torch.float32) if w.mode == "lut" else None
-    first_col = torch.arange(w.packed.shape[1], device=scale.device) * f  # column of code 0 of each word
-    same_groups = w.n_groups == 1 or w.group_size % f == 0  # a column's group does not depend on j
+    first_col = torch.arange(words.shape[1], device=scale.device) * p.codes  # column of code 0 of each period
+    same_groups = w.n_groups == 1 or w.group_size % p.codes == 0  # a column's group does not depend on j
     plane_scale, plane_zero = scale, zero  # [N, 1] when there is a single group
-    for j in range(f):
+    for j in range(p.codes):
         if w.n_groups > 1 and (j == 0 or not same_groups):
             groups = torch.div(first_col + j, w.group_size, rounding_mode="floor").clamp_(max=w.n_groups - 1)
-            plane_scale = scale.index_select(1, groups)  # [N, words]
-            plane_zero = zero.index_select(1, groups) if zero is not None else None  # [N, words]
-        codes = (w.packed >> (j * w.bits)).bitwise_and_((1 << w.bits) - 1)  # stored codes, int32 [N, words]
+            plane_scale = scale.index_select(1, groups)  # [N, periods]
+            plane_zero = zero.index_select(1, groups) if zero is not None else None  # [N, periods]
+        codes = code_plane(words[:, :, p.word(j)], words[:, :, p.word(j) + 1] if p.lo(j) < p.bits else None, p, j)  # int32 [N, periods]
         if codebook is not None:  # index_select is much faster on CPU than advanced indexing
             values = codebook.index_select(0, codes.reshape(-1)).view(codes.shape)
         else:
@@ -190,22 +199,23 @@ def _dequantized_planes(w: PackedWeight) -> Iterator[tuple[int, Tensor]]:
 def matmul_dequantized(x: Tensor, w: PackedWeight, bias: Tensor | None) -> Tensor:
     """``x · dequant(W)ᵀ + bias`` in fp32, returned in ``x.dtype``, for any leading dims of ``x``.
 
-    Built for CPU speed without materialising the dense weight: with ``f = 32 // bits`` codes per
-    word, column ``k = word * f + j`` of W lives in "plane" ``j`` (see :func:`_dequantized_planes`),
-    so ``x · Wᵀ = Σ_j x[:, j::f] · plane_jᵀ``, one fp32 GEMM of depth ``ceil(K / f)`` per plane.
+    Built for CPU speed without materialising the dense weight: with ``C`` codes per period of
+    the packed stream, column ``k = period * C + j`` of W lives in "plane" ``j`` (see
+    :func:`_dequantized_planes`), so ``x · Wᵀ = Σ_j x[:, j::C] · plane_jᵀ``, one fp32 GEMM of
+    depth ``ceil(K / C)`` per plane.
     """
-    n_out, k_in, f = w.out_features, w.in_features, pack_factor(w.bits)
+    n_out, k_in, c = w.out_features, w.in_features, period(w.bits).codes
     x2 = x.reshape(-1, k_in).to(torch.float32)  # [..., K] -> [M, K]
     if x2.shape[0] > PLANES_MAX_M:
         y = x2 @ dequantize_weight(w).t()
         if bias is not None:
             y += bias.to(torch.float32)
         return y.to(x.dtype).reshape(*x.shape[:-1], n_out)  # [M, N] -> [..., N]
-    m, n_words = x2.shape[0], w.packed.shape[1]
-    x_planes = F.pad(x2, (0, n_words * f - k_in)).view(m, n_words, f)  # [M, words * f] -> [M, words, f]
+    m, n_periods = x2.shape[0], -(-w.packed.shape[1] // period(w.bits).words)
+    x_planes = F.pad(x2, (0, n_periods * c - k_in)).view(m, n_periods, c)  # [M, periods * C] -> [M, periods, C]
     y = x2.new_zeros((m, n_out)) if bias is None else bias.to(torch.float32).expand(m, n_out).clone()  # [M, N]
     for j, plane in _dequantized_planes(w):
-        y.addmm_(x_planes[:, :, j], plane.t())  # [M, words] @ [words, N]
+        y.addmm_(x_planes[:, :, j], plane.t())  # [M, periods] @ [periods, N]
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)  # [M, N] -> [..., N]
 
 

@@ -3,9 +3,9 @@
 Every kernel decodes the packed weight with the same in-register helper, :func:`_dequant_tile`,
 which handles the three weight kinds (``MODE``): symmetric signed codes, asymmetric codes with a
 packed zero point, and lookup-table codes (unsigned index into a codebook). Each element of a
-``[BLOCK_N, BLOCK_K]`` tile computes its own word index ``k // (32 // bits)`` and shift
-``(k % (32 // bits)) * bits`` and gathers its word, so one code path serves every bit width,
-including 3 bits (10 codes per word), any ``K`` (masked) and ragged last groups.
+``[BLOCK_N, BLOCK_K]`` tile computes its own bit offset ``k * bits`` in the row's dense bit stream,
+gathers the word it starts in (and, for a 3-bit code straddling two words, the next one), so one
+code path serves every bit width, any ``K`` (masked) and ragged last groups.
 
 Three launchers, one per matmul path:
 
@@ -43,6 +43,29 @@ GEMV_TARGET_PROGRAMS = 256
 
 
 @triton.jit
+def _stream_codes(base, idx, stride, mask, BITS: tl.constexpr):
+    """Unsigned codes ``idx`` of a dense ``BITS``-wide stream whose int32 word ``w`` is at
+    ``base + w * stride`` (see :mod:`kernels.packing`): code ``i`` starts at bit ``i * BITS``.
+
+    For 2/4/8 bits a code lies in one word; for 3 bits a code whose low part fills the top of
+    one word takes its high part from the bottom of the next, so a second (masked) load is made.
+    """
+    bit = idx * BITS
+    word = bit // 32
+    shift = bit % 32
+    words = tl.load(base + word * stride, mask=mask, other=0)
+    if 32 % BITS == 0:
+        codes = (words >> shift) & ((1 << BITS) - 1)
+    else:
+        full = tl.zeros_like(shift) + ((1 << BITS) - 1)
+        lo = tl.minimum(32 - shift, BITS)  # bits of the code in its first word
+        codes = (words >> shift) & (full >> (BITS - lo))  # arithmetic shift: the mask drops sign bits
+        nxt = tl.load(base + (word + 1) * stride, mask=mask & (lo < BITS), other=0)
+        codes = codes | ((nxt & (full >> lo)) << lo)
+    return codes
+
+
+@triton.jit
 def _dequant_tile(
     wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
@@ -53,12 +76,9 @@ def _dequant_tile(
     one scale (and zero) per row is loaded instead of one per element. Out-of-range elements are
     finite but meaningless: callers zero the matching activations or mask the store.
     """
-    PACK = 32 // BITS
-    CODE_MASK = (1 << BITS) - 1
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_k < K)[None, :]
-    words = tl.load(wp_ptr + offs_n[:, None] * stride_wn + (offs_k // PACK)[None, :], mask=mask, other=0)
-    codes = (words >> ((offs_k % PACK) * BITS)[None, :]) & CODE_MASK
+    codes = _stream_codes(wp_ptr + offs_n[:, None] * stride_wn, offs_k[None, :], 1, mask, BITS)
     if SCALE_PER_TILE:
         group = k0 // GROUP
         scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -67,15 +87,11 @@ def _dequant_tile(
         scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask, other=0.0).to(tl.float32)
     if MODE == 2:  # MODE_LUT (jit code cannot read plain module globals)
         q = tl.load(cb_ptr + codes, mask=mask, other=0.0)
-    elif MODE == 1:  # MODE_ASYM
-        z_row = offs_n // PACK
-        z_shift = (offs_n % PACK) * BITS
+    elif MODE == 1:  # MODE_ASYM: zero points packed along the output dimension
         if SCALE_PER_TILE:
-            z_words = tl.load(z_ptr + z_row * stride_zw + group, mask=mask_n, other=0)
-            zero = ((z_words >> z_shift) & CODE_MASK)[:, None]
+            zero = _stream_codes(z_ptr + group, offs_n, stride_zw, mask_n, BITS)[:, None]
         else:
-            z_words = tl.load(z_ptr + z_row[:, None] * stride_zw + group[None, :], mask=mask, other=0)
-            zero = (z_words >> z_shift[:, None]) & CODE_MASK
+            zero = _stream_codes(z_ptr + group[None, :], offs_n[:, None], stride_zw, mask, BITS)
         q = (codes - zero).to(tl.float32)
     else:  # MODE_SYM: stored code = signed code + 2^(bits-1)
         q = (codes - (1 << (BITS - 1))).to(tl.float32)

@@ -52,6 +52,11 @@ class Pass(ABC):
     def __init__(self, config: PassConfig) -> None:
         self.config = config
 
+    def resolve(self, linears: list[tuple[str, int, int]]) -> None:
+        """Called once, before any work (by the runner and by ``plan``), with every block linear
+        as (block-relative name, out_features, in_features): a pass fixes options that depend on
+        the model's shapes here (e.g. ``group_size: auto``)."""
+
     def begin(self, run: RunContext) -> None:
         """Called once, before block 0 (embeddings materialised)."""
 

@@ -26,8 +26,12 @@ class QuantConfig(PassConfig):
 
     Args:
         bits: code width, one of 2, 3, 4, 8.
-        group_size: input columns per scale; null (or 0/-1) for one scale per output channel.
-            A last group that does not fill up is allowed (ragged).
+        group_size: input columns per scale; null (or 0/-1) for one scale per output channel;
+            ``auto`` (the default) takes the largest of 128, 64, 32 that divides the input width
+            of every quantised linear, so the output keeps the compressed-tensors layout that
+            ``transformers`` loads (64 on SmolLM2, whose widths are 576 and 1536). A group size
+            that leaves a ragged last group is allowed, but such an output loads with
+            ``compress.load`` only (the run says so, and ``config.json`` advertises nothing).
         symmetric: symmetric grids (no zero points) or asymmetric.
         mse: shrink each grid's clipping range to minimise the L2.4 error.
 
@@ -36,22 +40,52 @@ class QuantConfig(PassConfig):
     """
 
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: int | None = Field(128, description="null / 0 / -1 means per channel")
+    group_size: int | Literal["auto"] | None = Field(
+        "auto", description="input columns per scale: a number, 0 for per channel, or auto "
+                            "(the largest of 128/64/32 dividing every quantised width)")
     symmetric: bool = True
     mse: bool = False
 
     @field_validator("group_size", mode="before")
     @classmethod
     def _group(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
         if v in (0, -1, None):
             return None
         if isinstance(v, int) and not isinstance(v, bool) and not 8 <= v <= 65536:
             raise ValueError(f"group_size must be in [8, 65536] or null (per channel), got {v}")
         return v
 
+    def resolved(self, widths: set[int]) -> QuantConfig:
+        """This config with ``auto`` replaced by the group size chosen for these input widths."""
+        if self.group_size != "auto":
+            return self
+        return self.model_copy(update={"group_size": auto_group_size(widths)})
+
     def spec(self, dtype: torch.dtype) -> QuantSpec:
+        if self.group_size == "auto":
+            raise ValueError("group_size 'auto' must be resolved against the model first")
         return QuantSpec(self.bits, self.group_size, self.symmetric, self.mse,
                          dtype if dtype.is_floating_point else torch.float32)
+
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def auto_group_size(widths: set[int]) -> int:
+    """The largest of 128, 64, 32 dividing every width (128 when none does: ragged groups)."""
+    for g in AUTO_GROUP_SIZES:
+        if all(w % g == 0 for w in widths):
+            return g
+    return AUTO_GROUP_SIZES[0]
+
+
+def ragged_linears(group_size: int | None, widths: dict[str, int]) -> list[str]:
+    """Names whose input width leaves a ragged last group (per channel never does)."""
+    if group_size is None:
+        return []
+    return [n for n, k in widths.items() if k > group_size and k % group_size]
 
 
 class GPTQConfig(QuantConfig):
@@ -87,7 +121,8 @@ def quant_bytes(cfg: QuantConfig, out_f: int, in_f: int, scale_bytes: int = 4) -
     """Bytes of packed codes + scales (+ packed zero points) for one [out, in] linear."""
     from kernels.packing import packed_len
 
-    groups = 1 if cfg.group_size is None else -(-in_f // cfg.group_size)
+    gs = auto_group_size({in_f}) if cfg.group_size == "auto" else cfg.group_size
+    groups = 1 if gs is None else -(-in_f // gs)
     total = out_f * packed_len(in_f, cfg.bits) * 4 + out_f * groups * scale_bytes
     if not cfg.symmetric:
         total += packed_len(out_f, cfg.bits) * groups * 4
@@ -101,6 +136,21 @@ class _QuantPass(Pass):
 
     def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
         return quant_bytes(self.config, out_features, in_features) if self.config.selects(rel_name) else None
+
+    def resolve(self, linears: list[tuple[str, int, int]]) -> None:
+        """Fix ``group_size: auto`` against the input widths of the linears this pass quantises,
+        and remember which linears a ragged group leaves outside the compressed-tensors layout."""
+        widths = {rel: k for rel, _, k in linears if self.config.selects(rel)}
+        requested = self.config.group_size
+        self.config = self.config.resolved(set(widths.values()))
+        ragged = sorted({rel for rel in ragged_linears(self.config.group_size, widths)})
+        self.group_note = {"requested": requested, "group_size": self.config.group_size,
+                           "ragged": ragged}
+
+    def begin(self, run: object) -> None:
+        note = getattr(self, "group_note", None)
+        if note is not None:
+            run.notes["group_size"] = note  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
