@@ -87,6 +87,10 @@ def _write(name: str, data: dict) -> Path:
     return path
 
 
+HEADLINE_W4 = ["--bits", "4", "--group-size", "64", "--act-order", "--mse"]
+"""``compress gptq`` options of the headline W4 scheme (quant.py's quality row, kernels.py's e2e model)."""
+
+
 def merge_save(name: str, sections: dict, *, nested: dict[str, tuple[str, ...] | None] | None = None) -> Path:
     """Merge ``sections`` into ``benchmarks/results/<name>.json`` and write it.
 

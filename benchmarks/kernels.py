@@ -49,7 +49,7 @@ if not torch.cuda.is_available():  # must precede the first triton import
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save)
+    HEADLINE_W4, RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save)
 from benchmarks.kernel_cases import (  # noqa: E402
     DTYPES, TOLERANCE, lowrank_reference, make_factors, make_quant_case, quant_reference, rel_err,
     triton_lowrank, triton_quant, twin_quant,
@@ -188,20 +188,41 @@ def twin_planes_always():
         quant_matmul_torch.PLANES_MAX_M = saved
 
 
-def int4_model(dense: Path) -> tuple[Path, dict | None]:
-    """The GPTQ W4 g64 SmolLM2 (made once with the CLI; its wall time and peak RSS if made now)."""
+def _is_headline(out: Path) -> bool:
+    """Whether ``out`` is a finished GPTQ W4 g64 act-order + MSE output in today's format."""
+    from compress.provenance import FORMAT_VERSION
+
+    path = out / "compression.json"
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    stages = manifest.get("recipe", {}).get("stages", [])
+    cfg = stages[0].get("config", {}) if len(stages) == 1 and stages[0].get("pass") == "gptq" else {}
+    want = {"bits": 4, "group_size": 64, "act_order": True, "mse": True, "symmetric": True}
+    return manifest.get("format_version") == FORMAT_VERSION and all(cfg.get(k) == v for k, v in want.items()) \
+        and (manifest.get("calibration") or {}).get("protocol") == "brown-512"
+
+
+def int4_model(dense: Path, given: Path | None = None) -> tuple[Path, dict | None]:
+    """The headline GPTQ W4 g64 SmolLM2 (``HEADLINE_W4``, brown-512 calibration): ``given`` when it is
+    one (e.g. quant.py's output), else the cached one if it still matches the headline recipe and
+    today's format, else made now with the CLI (its wall time and peak RSS returned)."""
     from compress.assets import cache_dir
 
+    if given is not None:
+        if not _is_headline(given):
+            raise SystemExit(f"{given} is not a GPTQ W4 g64 act-order MSE brown-512 output in today's format")
+        return given, None
     out = cache_dir() / "bench" / "smollm2-135m-gptq-w4g64"
-    if (out / "compression.json").is_file():
+    if _is_headline(out):
         return out, None
     out.parent.mkdir(parents=True, exist_ok=True)
-    run = measured(compress_cmd("quantize", str(dense), "--bits", "4", "--group-size", "64", "-o", str(out),
-                                "--overwrite"), log=RESULTS / "kernels_quantize.log")
+    run = measured(compress_cmd("gptq", str(dense), *HEADLINE_W4, "-o", str(out), "--overwrite"),
+                   log=RESULTS / "kernels_quantize.log")
     return out, run
 
 
-def e2e(protocol: str = "brown-512") -> dict:
+def e2e(protocol: str = "brown-512", given: Path | None = None) -> dict:
     """PPL served by the dispatcher (auto, forced planes) vs the float64-decoded dense reference."""
     import math
 
@@ -212,7 +233,7 @@ def e2e(protocol: str = "brown-512") -> dict:
     from compress.validate import dense_reference
 
     dense_dir = materialize("smollm2-135m")
-    out, made = int4_model(dense_dir)
+    out, made = int4_model(dense_dir, given)
     windows = eval_token_windows(out, protocol, None)
     served = load(out)
     reference = load(out)
@@ -229,6 +250,7 @@ def e2e(protocol: str = "brown-512") -> dict:
     p_auto, p_ref, p_planes = ppl(s_auto), ppl(s_ref), ppl(s_planes)
     return {
         "protocol": protocol, "model": str(out), "made_now": made, "quantized_modules": swapped,
+        "recipe": json.loads((out / "compression.json").read_text())["recipe"]["stages"],
         "eval_tokens": s_auto["tokens"], "ppl_dispatcher": p_auto, "ppl_dispatcher_planes": p_planes,
         "ppl_dequant_reference": p_ref, "ppl_dense_source": ppl(s_dense), "dense_source": SMOLLM2_LABEL,
         "rel_diff_dispatcher": abs(p_auto - p_ref) / p_ref, "rel_diff_planes": abs(p_planes - p_ref) / p_ref,
@@ -275,6 +297,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default="correctness,gpu,cpu,e2e,bench")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--int4-model", type=Path, default=None,
+                    help="the headline GPTQ W4 g64 output to serve in the e2e/bench sections (e.g. quant.py's)")
     args = ap.parse_args()
     path = RESULTS / "kernels.json"
     for section in args.sections.split(","):
@@ -298,12 +322,13 @@ def main() -> None:
             print("bench:", [(r["phase"], r["tokens"], round(r["latency_ratio"], 2), round(r["peak_ratio"], 2))
                              for r in data["bench"]["summary"]])
         elif section == "e2e":
-            data["e2e"] = e2e()
+            data["e2e"] = e2e(given=args.int4_model)
             print("e2e:", {k: v for k, v in data["e2e"].items() if k.startswith(("ppl", "rel", "pass"))})
         else:
             raise SystemExit(f"unknown section {section!r}")
         # merged into what is on disk, so sections run separately never clobber each other
         command = (f"python benchmarks/kernels.py --sections {section}"
+                   + (f" --int4-model {args.int4_model}" if section == "e2e" and args.int4_model else "")
                    + (f" --repeats {args.repeats}" if section in ("cpu", "bench") else ""))
         merge_save("kernels", {**data, "machine": machine(), "commands": {section: command}},
                    nested={"commands": None})

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    HEADLINE_W4,
     ROOT, SMOLLM2_LABEL, compress_cmd, machine, measured, median, merge_save)
 from compress.assets import cache_dir, materialize  # noqa: E402
 from compress.checkpoint import CheckpointReader, CheckpointWriter  # noqa: E402
@@ -39,7 +40,7 @@ from compress.recipe import CalibrationConfig  # noqa: E402
 from compress.runner import load_calibration  # noqa: E402
 
 PROTOCOL = "brown-512"
-W4 = ["--bits", "4", "--group-size", "64", "--act-order", "--mse"]
+W4 = HEADLINE_W4
 SMOKE = ["--protocol", "brown-512-smoke"]
 
 

@@ -180,6 +180,18 @@ def _prefill_runner(model: nn.Module, timer: BlockTimer, clock: _Clock, ids: tor
     return run
 
 
+def _cache_kwargs(model: nn.Module, out: object) -> dict:
+    """The previous step's KV cache, under the name this ``transformers`` uses (``cache`` from
+    5.2x, ``past_key_values`` before)."""
+    import inspect
+
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def _decode_runner(model: nn.Module, timer: BlockTimer, clock: _Clock, prompt_ids: torch.Tensor,
                    steps: int) -> Callable[[], list[float]]:
     """Fill the KV cache with ``prompt_ids``, then ``steps`` greedy one-token steps; their wall times."""
@@ -190,7 +202,7 @@ def _decode_runner(model: nn.Module, timer: BlockTimer, clock: _Clock, prompt_id
             nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]
             timer.on = timer.armed
             t0 = clock()
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **_cache_kwargs(model, out))
             times.append(clock() - t0)
             timer.on = False
         return times

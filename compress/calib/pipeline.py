@@ -85,7 +85,7 @@ class _Catcher(nn.Module):
             self.buffer = hidden.new_empty((self.n_windows, *hidden.shape[1:]))  # (windows, seq, dim)
         self.buffer[self.filled:self.filled + hidden.shape[0]] = hidden.detach()
         self.filled += hidden.shape[0]
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
         if "use_cache" in kwargs or not args:
             kwargs["use_cache"] = False
         self.kwargs.append(kwargs)

@@ -79,18 +79,27 @@ class FlashSwiGLUMLP:
         return flash_swiglu_ffn(x, g.U, g.V, u.U, u.V, d.U, d.V, g.bias, u.bias, d.bias)
 
 
+def _kv_cache(args: tuple, kwargs: dict) -> object:
+    """The KV cache handed to an attention forward, whatever ``transformers`` calls it
+    (``past_key_values`` up to 5.x, ``cache`` from 5.2x; positional or keyword)."""
+    for value in (*args[:1], kwargs.get("cache"), kwargs.get("past_key_values"), kwargs.get("past_key_value")):
+        if value is not None:
+            return value
+    return None
+
+
 class FlashLlamaAttention:
     """LLaMA-family self-attention with Q/K/V rebuilt per tile (causal, RoPE, GQA)."""
 
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None,
-                attention_mask: Tensor | None = None, past_key_values: object = None,
+                attention_mask: Tensor | None = None, *args: object,
                 **kwargs: object) -> tuple[Tensor, None]:
         L = hidden_states.shape[1]
         ok, kpm = key_padding_from_mask(attention_mask, L, causal=True)
-        if (not ok or past_key_values is not None or position_embeddings is None or self.training  # type: ignore[attr-defined]
+        if (not ok or _kv_cache(args, kwargs) is not None or position_embeddings is None or self.training  # type: ignore[attr-defined]
                 or getattr(self, "sliding_window", None)):
             return super().forward(hidden_states, position_embeddings, attention_mask,  # type: ignore[misc]
-                                   past_key_values, **kwargs)
+                                   *args, **kwargs)
         q, k, v = self.q_proj, self.k_proj, self.v_proj  # type: ignore[attr-defined]
         hd = self.head_dim  # type: ignore[attr-defined]
         cos, sin = position_embeddings
@@ -105,12 +114,12 @@ class FlashBertSelfAttention:
     """BERT self-attention with Q/K/V rebuilt per tile (bidirectional, key padding mask)."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                past_key_values: object = None, **kwargs: object) -> tuple[Tensor, None]:
+                *args: object, **kwargs: object) -> tuple[Tensor, None]:
         L = hidden_states.shape[1]
         ok, kpm = key_padding_from_mask(attention_mask, L, causal=False)
-        if (not ok or past_key_values is not None or self.training or self.is_causal  # type: ignore[attr-defined]
+        if (not ok or _kv_cache(args, kwargs) is not None or self.training or self.is_causal  # type: ignore[attr-defined]
                 or kwargs.get("encoder_hidden_states") is not None):
-            return super().forward(hidden_states, attention_mask, past_key_values, **kwargs)  # type: ignore[misc]
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)  # type: ignore[misc]
         q, k, v = self.query, self.key, self.value  # type: ignore[attr-defined]
         hd = self.attention_head_size  # type: ignore[attr-defined]
         heads = q.out_features // hd

@@ -1,0 +1,61 @@
+"""Markdown tables for BENCHMARKS.md, printed from the results JSON (never typed in by hand).
+
+Usage: python benchmarks/render.py quant-cost | kernels-e2e
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def quant_cost() -> str:
+    """The interleaved GPTQ W4 g64 timing runs: ours vs llm-compressor, per repeat and medians."""
+    t = json.loads((RESULTS / "quant.json").read_text())["gptq_w4g64_timing"]
+    ours, peer = t["runs"]["ours"], t["runs"]["llm_compressor"]
+    lines = ["| run | ours wall | ours peak RSS | llm-compressor wall | llm-compressor peak RSS |",
+             "|---|---|---|---|---|"]
+    for i, (o, p) in enumerate(zip(ours, peer, strict=False)):
+        lines.append(f"| repeat {i + 1} | {o['wall_s']:.0f} s | {_gb(o['peak_rss_bytes'])} | "
+                     f"{p['wall_s']:.0f} s | {_gb(p['peak_rss_bytes'])} |")
+    lines.append(f"| **median** | **{t['ours_wall_s']:.0f} s** | **{_gb(t['ours_peak_rss_bytes'])}** | "
+                 f"**{t['llmc_wall_s']:.0f} s** | **{_gb(t['llmc_peak_rss_bytes'])}** |")
+    lines.append(f"\nRatio ours / llm-compressor: wall **{t['wall_ratio']:.2f}×**, peak RSS "
+                 f"**{t['rss_ratio']:.2f}×** ({t['machine']['date']}, {t['machine']['cpu']}, "
+                 f"{t['machine']['cores']} cores; `{t['command']}`).")
+    return "\n".join(lines)
+
+
+def kernels_e2e() -> str:
+    """Served int4 (dispatcher) vs the float64-decoded reference, brown-512."""
+    e = json.loads((RESULTS / "kernels.json").read_text())["e2e"]
+    stage = e["recipe"][0]
+    cfg = ", ".join(f"{k}={stage['config'][k]}" for k in ("bits", "group_size", "act_order", "mse"))
+    rows = [("dequantized reference (dense linears, fp32)", e["ppl_dequant_reference"], "—"),
+            ("int4 via dispatcher (512-row windows → twin dequant + matmul)", e["ppl_dispatcher"],
+             f"{e['rel_diff_dispatcher']:.1e} (KL {e['kl_reference_vs_dispatcher']:.1e}, top-1 "
+             f"{e['top1_agreement_reference_vs_dispatcher']:.4f})"),
+            ("int4 via dispatcher, twin forced to its plane-by-plane (decode) path",
+             e["ppl_dispatcher_planes"], f"{e['rel_diff_planes']:.1e}"),
+            (f"dense source ({e.get('dense_source', 'fp32')})", e["ppl_dense_source"],
+             "(quantization cost, not a kernel error)")]
+    lines = [f"Model: `{stage['pass']}` {cfg}; {e['quantized_modules']} QuantLinear modules, "
+             f"{e['effective_bits']:.2f} effective bits, {e['bytes_on_disk']:,} bytes on disk; protocol "
+             f"`{e['protocol']}`, {e['eval_tokens']:,} tokens.", "",
+             "| model | PPL | rel. diff vs reference |", "|---|---|---|"]
+    lines += [f"| {name} | {ppl:.4f} | {diff} |" for name, ppl, diff in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    table = {"quant-cost": quant_cost, "kernels-e2e": kernels_e2e}
+    if len(sys.argv) != 2 or sys.argv[1] not in table:
+        raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
+    print(table[sys.argv[1]]())
