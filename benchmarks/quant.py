@@ -11,7 +11,7 @@ Measures (JSON in benchmarks/results/quant.json; summarised in BENCHMARKS.md):
 * determinism: identical tensors from two runs of the same recipe (the two W4 g64 runs when
   ``--repeats`` ≥ 2, else two brown-512-smoke runs).
 
-Usage: python benchmarks/quant.py [--repeats 2] [--skip-llmc] [--skip-deep]
+Usage: python benchmarks/quant.py [--repeats 2] [--skip-llmc] [--skip-deep] [--timing-only | --depth-only | --rows R1,R2]
 """
 
 from __future__ import annotations
@@ -145,6 +145,24 @@ def depth_memory(dense: Path, work: Path) -> dict:
             "rss_ratio": runs["layers_60"]["peak_rss_bytes"] / runs["layers_30"]["peak_rss_bytes"]}
 
 
+OTHER_ROWS = {"rtn_w4g64": ["rtn", "--bits", "4", "--group-size", "64"],
+              "gptq_w3g64": ["gptq", "--bits", "3", "--group-size", "64", "--act-order", "--mse"],
+              "gptq_w8_per_channel": ["gptq", "--bits", "8", "--group-size", "0", "--act-order", "--mse"]}
+"""Quality rows beside the headline W4 pair: name → ``compress`` command and options."""
+
+
+def other_row(name: str, dense: Path, work: Path, reuse: bool) -> dict:
+    """Compress with row ``name``'s command (unless ``reuse`` finds it done), then evaluate it."""
+    args = OTHER_ROWS[name]
+    out = work / name
+    if not (reuse and done(out)):
+        shutil.rmtree(out, ignore_errors=True)
+        measured(compress_cmd(*args[:1], str(dense), *args[1:], "-o", str(out)), log=work / f"{name}.log")
+    manifest = json.loads((out / "compression.json").read_text())
+    return {**eval_row(out, dense), "command": " ".join(["compress", args[0], "smollm2-135m", *args[1:]]),
+            "format_version": manifest["format_version"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
@@ -156,10 +174,21 @@ def main() -> None:
     ap.add_argument("--timing-only", action="store_true",
                     help="only the interleaved ours / llm-compressor runs, merged into quant.json as "
                          "gptq_w4g64_timing (run on an otherwise idle machine)")
+    ap.add_argument("--rows", default=None,
+                    help=f"only these quality rows (comma-separated, of {', '.join(OTHER_ROWS)}), merged into quant.json")
     a = ap.parse_args()
     dense = materialize("smollm2-135m")
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-quant-", dir=cache_dir()))
     work.mkdir(parents=True, exist_ok=True)
+    if a.rows:
+        for name in a.rows.split(","):
+            if name not in OTHER_ROWS:
+                raise SystemExit(f"unknown row {name!r}; one of {', '.join(OTHER_ROWS)}")
+            row = {**other_row(name, dense, work, a.reuse), "date": machine()["date"],
+                   "run": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}
+            print(name, row, flush=True)
+            print(merge_save("quant", {"quality": {name: row}}, nested={"quality": None}))
+        return
     if a.depth_only:
         print(merge_save("quant", {"depth_memory": {
             **depth_memory(dense, work), "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:])}}))
@@ -204,14 +233,8 @@ def main() -> None:
     if llmc_py:
         quality["llmc_gptq_w4g64"] = eval_row(work / "llmc-w4g64-0", dense)
         print("llmc_gptq_w4g64", quality["llmc_gptq_w4g64"], flush=True)
-    for name, args in {"rtn_w4g64": ["rtn", "--bits", "4", "--group-size", "64"],
-                       "gptq_w3g64": ["gptq", "--bits", "3", "--group-size", "64", "--act-order", "--mse"],
-                       "gptq_w8_per_channel": ["gptq", "--bits", "8", "--group-size", "0", "--act-order", "--mse"]}.items():
-        out = work / name
-        if not (a.reuse and done(out)):
-            shutil.rmtree(out, ignore_errors=True)
-            measured(compress_cmd(*args[:1], str(dense), *args[1:], "-o", str(out)), log=work / f"{name}.log")
-        quality[name] = eval_row(out, dense)
+    for name in OTHER_ROWS:
+        quality[name] = other_row(name, dense, work, a.reuse)
         res["quality"] = quality
         merge_save("quant", res, nested={"quality": None})  # earlier rows and sections stay
         print(name, quality[name], flush=True)
