@@ -496,5 +496,6 @@ def main() -> None:
             sys.exit(e.exit_code)
         raise
 
+
 if __name__ == "__main__":
     main()
