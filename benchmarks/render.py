@@ -1,6 +1,6 @@
 """Markdown tables for BENCHMARKS.md, printed from the results JSON (never typed in by hand).
 
-Usage: python benchmarks/render.py quant-cost | kernels-e2e
+Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e
 """
 
 from __future__ import annotations
@@ -33,6 +33,25 @@ def quant_cost() -> str:
     return "\n".join(lines)
 
 
+QUALITY_ROWS = {"gptq_w4g64": "**ours GPTQ W4 g64**", "llmc_gptq_w4g64": "llm-compressor GPTQ W4 g64",
+                "rtn_w4g64": "ours RTN W4 g64", "gptq_w3g64": "ours GPTQ W3 g64",
+                "gptq_w8_per_channel": "ours GPTQ W8 per-channel"}
+
+
+def quant_quality() -> str:
+    """The quality rows of quant.json (brown-512), with the date of rows re-measured on their own."""
+    q = json.loads((RESULTS / "quant.json").read_text())["quality"]
+    lines = ["| scheme | PPL | dense PPL | KL(dense‖q) | top-1 | bytes on disk | bits/param |",
+             "|---|---|---|---|---|---|---|"]
+    for key, label in QUALITY_ROWS.items():
+        r = q[key]
+        bits = "—" if r.get("effective_bits") is None else f"{r['effective_bits']:.2f}"
+        when = f" ({r['date']})" if "date" in r else ""
+        lines.append(f"| {label}{when} | {r['ppl']:.2f} | {r['dense_ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | "
+                     f"{r['bytes_on_disk']:,} | {bits} |")
+    return "\n".join(lines)
+
+
 def kernels_e2e() -> str:
     """Served int4 (dispatcher) vs the float64-decoded reference, brown-512."""
     e = json.loads((RESULTS / "kernels.json").read_text())["e2e"]
@@ -55,7 +74,7 @@ def kernels_e2e() -> str:
 
 
 if __name__ == "__main__":
-    table = {"quant-cost": quant_cost, "kernels-e2e": kernels_e2e}
+    table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

@@ -80,3 +80,14 @@ def test_docs_claim_only_what_is_tested_or_measured() -> None:
             assert "does not grow with depth" not in doc or "not measured yet" in doc
         assert "measured in BENCHMARKS.md" not in arch
     assert "dequantized from the Q4_1 GGUF" in arch and "Q4_1 GGUF" in readme
+
+
+def test_benchmarks_md_tables_are_the_rendered_json() -> None:
+    """Every table render.py prints from the committed JSON stands in BENCHMARKS.md as printed
+    (so a figure there cannot drift from its results file)."""
+    import benchmarks.render as render
+
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    for fn in (render.quant_quality, render.quant_cost, render.kernels_e2e):
+        table = fn()
+        assert table in text, f"BENCHMARKS.md does not hold the table of render.{fn.__name__}:\n{table}"
