@@ -155,7 +155,7 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
         writer.write_text("recipe.yaml", recipe.to_yaml())
         side_files(reader.path, writer)
         if run.records:
-            write_all(run.records, writer.directory / "reports", f"{spec.name} on {src.name}")
+            write_all(run.records, writer.directory / "reports", f"{the_pass.scheme()} on {src.name}")
         writer.commit()
     return out
 

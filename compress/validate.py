@@ -6,7 +6,8 @@ go through the served ``forward`` (the shared kernels: Triton on CUDA, the torch
 and through ``reference_forward`` (float64 math from the stored tensors). The errors are
 
 * ``rel = ‖y − y_ref‖_F / ‖y_ref‖_F`` in float64 — the pass/fail criterion;
-* ``max abs = max |y − y_ref|`` — reported so an isolated wrong element is visible too.
+* ``max abs = max |y − y_ref|`` — in the JSON report (``--json``), so an isolated wrong element
+  is visible too; the tables show the relative error only, to fit 80 columns.
 
 Default tolerances (:data:`DEFAULT_TOLERANCE`), per activation dtype:
 
@@ -25,15 +26,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.table import Table
+from rich.text import Text
 from torch import Tensor, nn
 
 from compress.errors import CompressError
 from compress.modules.protocol import validatable_modules
+from compress.report import compact_table, short_name
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-3}
@@ -187,10 +192,6 @@ def validate(path: str | Path, *, ms: list[int] | None = None, dtypes: list[str]
     return report
 
 
-def _short(path: str) -> str:
-    return path.replace("torch twin · ", "twin ").replace("triton-interpreter ", "interp ")
-
-
 def dense_reference(model: nn.Module) -> int:
     """Swap, in place, every validatable module that offers ``reference_weight()`` for a dense
     ``nn.Linear`` carrying that weight (rounded once to the module's dtype) and its bias.
@@ -216,56 +217,95 @@ def dense_reference(model: nn.Module) -> int:
     return swapped
 
 
+def short_path(path: str) -> str:
+    """A kernel path label in a few characters: ``torch twin · dequant+matmul`` → ``twin dequant``,
+    ``triton-interpreter gemv`` → ``interp gemv``."""
+    return (path.replace("torch twin · ", "twin ").replace("triton-interpreter ", "interp ")
+            .replace("dequant+matmul", "dequant"))
+
+
 def _fmt(v: float) -> str:
-    return "NaN" if math.isnan(v) else f"{v:.2e}"
+    """Two significant digits: enough to compare with a tolerance, narrow enough for 80 columns."""
+    return "NaN" if math.isnan(v) else f"{v:.1e}"
 
 
-def module_table(report: ValidationReport) -> Table:
-    """One row per module: its paths, and per dtype the worst rel. / max abs error over M."""
-    t = Table(title=f"validate {Path(report.model).name}: kernel vs float64 reference "
-                    f"(M = {', '.join(map(str, report.ms))})")
-    t.add_column("module", no_wrap=True)
-    t.add_column("kind")
-    t.add_column("path taken (M)")
+def _group(checks: list[Check], key: Callable[[Check], str]) -> dict[str, list[Check]]:
+    """``checks`` by ``key``, in first-seen order."""
+    out: dict[str, list[Check]] = {}
+    for c in checks:
+        out.setdefault(key(c), []).append(c)
+    return out
+
+
+def _worst_cells(checks: list[Check], dtypes: list[str]) -> list[str]:
+    """Per dtype, the worst relative error of ``checks`` (blank where none ran in that dtype)."""
+    by_dtype = _group(checks, lambda c: c.dtype)
+    return [_fmt(_worst(c.rel_err for c in by_dtype[dt])) if dt in by_dtype else "" for dt in dtypes]
+
+
+def _ok(ok: bool) -> str:
+    return "[green]ok[/green]" if ok else "[red]FAIL[/red]"
+
+
+def module_table(report: ValidationReport, verbose: bool = False) -> Table | Text:
+    """Failing and unvalidated modules (every module with ``verbose``), one row per module and
+    kernel path: short name (``L12 self_attn.q``), kind (only when the checkpoint mixes kinds,
+    else in the title), the path and the M that took it, and per dtype the worst relative error
+    over those M. Fits 80 columns; max abs errors are in :meth:`ValidationReport.to_json`.
+
+    Returns a one-line :class:`~rich.text.Text` instead of an empty table when nothing failed
+    and ``verbose`` is off, so the caller prints the result either way.
+    """
+    modules = _group(report.checks, lambda c: c.module)
+    shown = {n: cs for n, cs in modules.items() if verbose or not all(c.ok for c in cs)}
+    if not shown and not report.unvalidated:
+        return Text(f"all {len(modules)} modules within tolerance on every path and dtype "
+                    "(--verbose lists them)")
+    kinds = sorted({c.kind for c in report.checks} | set(report.unvalidated.values()))
+    mixed = len(kinds) > 1
+    what = " ".join([*(["failing"] if not verbose else []), *([] if mixed else kinds), "modules"])
+    t = compact_table(f"{what} of {Path(report.model).name}: kernel vs float64 reference")
+    for col in ("module", *(["kind"] if mixed else []), "path (M)"):
+        t.add_column(col, overflow="fold")
     for dt in report.dtypes:
-        t.add_column(f"{dt} rel. err / max abs", justify="right")
-    t.add_column("ok")
-    by_module: dict[str, list[Check]] = {}
-    for c in report.checks:
-        by_module.setdefault(c.module, []).append(c)
-    for name, cs in by_module.items():
-        paths: dict[str, list[int]] = {}
-        for c in cs:
-            if c.dtype == report.dtypes[0]:
-                paths.setdefault(c.path, []).append(c.m)
-        row = [name, cs[0].kind, "; ".join(f"{_short(p)} ({','.join(map(str, m))})" for p, m in paths.items())]
-        for dt in report.dtypes:
-            sel = [c for c in cs if c.dtype == dt]
-            row.append(f"{_fmt(_worst(c.rel_err for c in sel))} / {_fmt(_worst(c.max_abs_err for c in sel))}")
-        ok = all(c.ok for c in cs)
-        row.append("[green]ok[/green]" if ok else "[red]FAIL[/red]")
-        t.add_row(*row)
+        t.add_column(dt, justify="right", no_wrap=True)
+    t.add_column("ok", no_wrap=True)
+    for name, cs in shown.items():
+        for path, sel in _group(cs, lambda c: c.path).items():
+            ms = " ".join(map(str, sorted({c.m for c in sel})))
+            t.add_row(short_name(name), *([sel[0].kind] if mixed else []), f"{short_path(path)} ({ms})",
+                      *_worst_cells(sel, report.dtypes), _ok(all(c.ok for c in sel)))
     for name, kind in report.unvalidated.items():
-        t.add_row(name, kind, "no reference_forward: not validated", *[""] * len(report.dtypes),
-                  "[red]FAIL[/red]")
+        t.add_row(short_name(name), *([kind] if mixed else []), "no reference", *[""] * len(report.dtypes),
+                  _ok(False))
+    t.caption = "rel. err = ‖y − y_ref‖/‖y_ref‖, worst over M; max abs: --json"
     return t
 
 
 def summary_table(report: ValidationReport) -> Table:
-    """One row per (path, dtype): number of checks and the worst relative error vs the tolerance."""
-    t = Table(title="by kernel path")
-    for col in ("path", "dtype", "checks", "worst rel. err", "tolerance", "failed"):
-        t.add_column(col, justify="left" if col in ("path", "dtype") else "right")
-    groups: dict[tuple[str, str], list[Check]] = {}
-    for c in report.checks:
-        groups.setdefault((c.path, c.dtype), []).append(c)
-    for (path, dt), cs in sorted(groups.items()):
-        n_bad = sum(not c.ok for c in cs)
-        t.add_row(path, dt, str(len(cs)), _fmt(_worst(c.rel_err for c in cs)), f"{report.tolerance[dt]:.0e}",
-                  f"[red]{n_bad}[/red]" if n_bad else "0")
+    """One row per module kind: modules, checks, per dtype the worst relative error (the header
+    gives the tolerance) and the failed checks; modules without a reference count as failed.
+    The caption names the kernel paths taken. Fits 80 columns."""
+    t = compact_table("validate: by kind")
+    t.add_column("kind", overflow="fold")
+    for col in ("modules", "checks", *(f"{dt} ≤{report.tolerance[dt]:.0e}" for dt in report.dtypes), "failed"):
+        t.add_column(col, justify="right", no_wrap=True)
+    kinds = _group(report.checks, lambda c: c.kind)
+    unchecked = Counter(report.unvalidated.values())
+    for kind in sorted(kinds.keys() | unchecked.keys()):
+        cs = kinds.get(kind, [])
+        n_bad = sum(not c.ok for c in cs) + unchecked[kind]
+        t.add_row(kind, str(len({c.module for c in cs}) + unchecked[kind]), str(len(cs)),
+                  *_worst_cells(cs, report.dtypes), f"[red]{n_bad}[/red]" if n_bad else "0")
+    notes = []
+    if report.checks:
+        notes.append("paths: " + ", ".join(sorted({short_path(c.path) for c in report.checks})))
+    if report.unvalidated:
+        notes.append(f"{len(report.unvalidated)} module(s) without a reference, counted as failed")
+    t.caption = "\n".join(notes) or None
     return t
 
 
-def _worst(values) -> float:  # noqa: ANN001
+def _worst(values: Iterable[float]) -> float:
     vals = list(values)
     return float("nan") if any(math.isnan(v) for v in vals) else max(vals)

@@ -75,6 +75,13 @@ class Pass(ABC):
         """One line for `compress plan`."""
         return f"{self.name}: {self.config.model_dump(exclude_defaults=True)}"
 
+    def scheme(self) -> str:
+        """What this pass does, in a few words, for report titles (``rtn W4 g64 sym``): here the
+        pass name and its non-default options; passes override it with their own notation.
+        Call it after :meth:`resolve` so shape-dependent options show their resolved value."""
+        options = self.config.model_dump(exclude_defaults=True)
+        return " ".join([self.name, *(f"{k}={v}" for k, v in options.items())])
+
 
 def read_data_file(path: str | Path, what: str) -> object:
     """The parsed contents of a JSON (``.json``) or YAML file that a pass option points to.

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
@@ -181,7 +180,7 @@ class LowRankPass(Pass):
                 fac = svd.factors(spec, rank)
             energy = None if rank is None else spec.energy(rank)
         if fac is None:
-            return self._dense_record(ctx, name, W, rank, time.perf_counter() - t0)
+            return self._dense_record(ctx, name, W, rank, time.perf_counter() - t0, G is not None)
         W_r = fac.weight()
         mod = LowRankLinear.from_factors(fac.U, fac.V, dense.bias, W.dtype)
         ctx.replace(name, mod)
@@ -189,14 +188,24 @@ class LowRankPass(Pass):
         nbytes = params * mod.U.element_size()
         extra: dict[str, float | int | str] = {
             "rank": rank, "max_rank": min(W.shape) if not per_head else min(W.shape[1], W.shape[0] // mod.heads),
-            "heads": mod.heads, "param_ratio": params / W.numel(), "energy_kept": float(energy or 0.0),
-            "weight_rel_err": svd.relative_weight_error(W, W_r)}
+            "heads": mod.heads, "param_ratio": params / W.numel(), "energy_kept": float(energy or 0.0)}
         if white is not None:
             extra.update({"damp_shift": white.shift, "whitening": white.method})
         err = None if G is None else svd.relative_output_error(W, W_r, G)
         return LayerRecord(stage=self.name, layer=ctx.index, module=full, kind="lowrank",
-                           bits=8 * nbytes / W.numel(), error=err, time_s=time.perf_counter() - t0,
+                           bits=8 * nbytes / W.numel(), error=err,
+                           weight_error=svd.relative_weight_error(W, W_r), time_s=time.perf_counter() - t0,
                            bytes=nbytes, params=params, extra=extra)
+
+    def scheme(self) -> str:
+        """``lowrank ratio 0.5 whitened``: the rank rule(s), per-head layout, whitening."""
+        c = self.config
+        n_ranks = len(c.explicit_ranks())
+        rules = [f"ratio {c.ratio:g}" if c.ratio is not None else "",
+                 f"energy {c.energy:g}" if c.energy is not None else "",
+                 f"{n_ranks} explicit ranks" if n_ranks else "",
+                 "per-head" if c.per_head else "", "whitened" if c.whiten else "plain SVD"]
+        return " ".join([self.name, *filter(None, rules)])
 
     def _rank(self, full: str, in_f: int, out_f: int, spectra: list[svd.Spectrum]) -> int | None:
         """Explicit rank, else by ratio, else by energy (max over heads), else None (dense)."""
@@ -210,14 +219,18 @@ class LowRankPass(Pass):
             return max(svd.rank_for_energy(s.sigma, c.energy) for s in spectra)
         return None
 
-    def _dense_record(self, ctx: LayerContext, name: str, W: Tensor, rank: int | None, t: float) -> LayerRecord:
+    def _dense_record(self, ctx: LayerContext, name: str, W: Tensor, rank: int | None, t: float,
+                      calibrated: bool) -> LayerRecord:
+        """A linear left dense: its errors are exactly 0 (the output error only counts as measured
+        when calibration data was used, so data-free reports compare weight errors throughout)."""
         nbytes = W.numel() * W.element_size()
         if rank is not None:
             why = f"rank {rank} factors would not be smaller than the dense weight"
         else:
             why = f"no rank ≥ 1 within ratio {self.config.ratio} is smaller than the dense weight"
         return LayerRecord(stage=self.name, layer=ctx.index, module=ctx.prefix + name, kind="dense",
-                           bits=8.0 * W.element_size(), error=0.0, time_s=t, bytes=nbytes,
+                           bits=8.0 * W.element_size(), error=0.0 if calibrated else None,
+                           weight_error=0.0, time_s=t, bytes=nbytes,
                            params=W.numel(), extra={"reason": why})
 
     def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:

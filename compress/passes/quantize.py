@@ -147,6 +147,18 @@ class _QuantPass(Pass):
         self.group_note = {"requested": requested, "group_size": self.config.group_size,
                            "ragged": ragged}
 
+    def scheme(self) -> str:
+        """``gptq W4 g64 sym act-order mse``: bits, group size (``g64``, ``per-channel``, or
+        ``g-auto`` before :meth:`resolve`), grid symmetry and the options that change the codes."""
+        c = self.config
+        group = {None: "per-channel", "auto": "g-auto"}.get(c.group_size, f"g{c.group_size}")
+        return " ".join([self.name, f"W{c.bits}", group, "sym" if c.symmetric else "asym",
+                         *self._flags(), *(["mse"] if c.mse else [])])
+
+    def _flags(self) -> list[str]:
+        """Pass-specific words of :meth:`scheme` (none for RTN)."""
+        return []
+
     def begin(self, run: object) -> None:
         note = getattr(self, "group_note", None)
         if note is not None:
@@ -178,11 +190,12 @@ def _install(ctx: LayerContext, name: str, qw: QuantizedWeight, stage: str, t: f
     qlin = QuantLinear.from_quantized(qw, dense.bias)
     ctx.replace(name, qlin)
     nbytes = sum(b.numel() * b.element_size() for k, b in qlin.state_dict().items() if k != "bias")
-    err = None if H is None else relative_output_error(W.float(), qw.dequantize(), H)
-    werr = float(((W.float() - qw.dequantize()) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
+    deq = qw.dequantize()
+    err = None if H is None else relative_output_error(W.float(), deq, H)
+    werr = float(((W.float() - deq) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
     return LayerRecord(stage=stage, layer=ctx.index, module=ctx.prefix + name, kind="quant",
-                       bits=8 * nbytes / W.numel(), error=err, time_s=t, bytes=nbytes,
-                       params=W.numel(), extra={"weight_rel_err": werr})
+                       bits=8 * nbytes / W.numel(), error=err, weight_error=werr, time_s=t, bytes=nbytes,
+                       params=W.numel())
 
 
 @register_pass("rtn", QuantConfig, needs_calibration=False,
@@ -209,6 +222,10 @@ class GPTQPass(_QuantPass):
     """GPTQ every selected linear; fused siblings share one Hessian and one call."""
 
     config: GPTQConfig
+
+    def _flags(self) -> list[str]:
+        return [w for w, on in (("act-order", self.config.act_order),
+                                ("static-groups", self.config.static_groups)) if on]
 
     def process_layer(self, ctx: LayerContext, run: object) -> list[LayerRecord]:
         ctx.hessian_dtype = getattr(torch, self.config.hessian_dtype)

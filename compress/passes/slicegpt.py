@@ -388,6 +388,16 @@ class SliceGPTPass(Pass):
             time_s=time.perf_counter() - t0, bytes=params * gamma.element_size(), params=params,
             extra={"in_width": last.width, "out_width": head_in, "tied_head": int(self._tied)}))
 
+    def scheme(self) -> str:
+        """``slicegpt 25% sliced`` or ``slicegpt schedule 10%–40% sliced``, plus ``slice-head``."""
+        c = self.config
+        if isinstance(c.schedule, list):
+            lo, hi = min(c.schedule, default=0.0), max(c.schedule, default=0.0)
+            amount = f"schedule {lo:.0%}–{hi:.0%}" if lo != hi else f"schedule {lo:.0%}"
+        else:
+            amount = f"{c.sparsity:.0%}"
+        return " ".join([self.name, amount, "sliced", *(["slice-head"] if c.slice_head else [])])
+
     def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
         """fp32 bytes of a block linear at the mean fraction; ``o``/``down`` also carry their
         block's shortcut (``d²``), so `plan`'s total includes the shortcuts."""

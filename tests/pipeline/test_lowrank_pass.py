@@ -101,6 +101,7 @@ def test_parameter_ratio_is_honest_and_records_are_written(tiny_llama: Path, tmp
     assert len(manifest["modules"]) == 3 * 7 and stored <= 0.5 * dense_params
     records = json.loads((out / "reports" / "report.json").read_text())
     assert len(records) == 21 and all(r["kind"] == "lowrank" and r["error"] is None for r in records)
+    assert all(0 < r["weight_error"] < 1 for r in records)  # data-free: the report shows the weight error
     assert all(r["extra"]["param_ratio"] <= 0.5 for r in records)
 
 
@@ -109,6 +110,7 @@ def test_ratio_one_keeps_square_layers_dense_and_says_why(tiny_llama: Path, tmp_
     records = json.loads((out / "reports" / "report.json").read_text())
     q = [r for r in records if r["module"].endswith("q_proj")]
     assert q and all(r["kind"] == "dense" and "smaller than the dense weight" in r["extra"]["reason"] for r in q)
+    assert all(r["weight_error"] == 0.0 and r["error"] is None for r in q)  # unchanged; no data: not measured
     k = [r for r in records if r["module"].endswith("k_proj")]  # 64x32: rank 21 · 96 < 2048
     assert all(r["kind"] == "lowrank" for r in k)
     model = compress.load(out)
