@@ -49,12 +49,14 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", flashsvd: bool
 
 
 def run(recipe: str | Path | dict[str, Any] | Recipe, model: str | Path, out: str | Path, *,
-        overwrite: bool = False) -> Path:
-    """Apply a recipe (path to YAML, dict or :class:`Recipe`) to ``model``; returns ``out``."""
+        overwrite: bool = False, force: bool = False) -> Path:
+    """Apply a recipe (path to YAML, dict or :class:`Recipe`) to ``model``; returns ``out``.
+
+    ``overwrite`` replaces an existing compress output; ``force`` replaces any directory."""
     from compress.runner import run_recipe
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
-    return run_recipe(recipe, resolve_model(str(model)), Path(out), overwrite=overwrite)
+    return run_recipe(recipe, resolve_model(str(model)), Path(out), overwrite=overwrite, force=force)

@@ -72,6 +72,10 @@ def eval_token_windows(model_dir: Path, protocol: str, data: str | None) -> Tens
 
 
 @torch.no_grad()
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None, *,
           progress: Progress | None = None, label: str = "eval") -> dict[str, float]:
     """NLL sum, token count and (with ``dense``) KL sum and top-1 matches over the windows.
@@ -82,7 +86,7 @@ def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None, *,
     nll, n, kl, agree, dense_nll = 0.0, 0, 0.0, 0, 0.0
     total = len(windows)
     for i, w in enumerate(windows, 1):
-        ids = w.unsqueeze(0)  # (1, seq)
+        ids = w.unsqueeze(0).to(_device(model))  # (1, seq)
         logits = model(input_ids=ids).logits[0, :-1].float()  # (seq-1, vocab)
         nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         n += logits.shape[0]
@@ -117,7 +121,7 @@ def compressed_size(reader: CheckpointReader, manifest: dict) -> tuple[float | N
 
 
 def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
-             protocol: str = "brown-512", data: str | None = None,
+             protocol: str = "brown-512", data: str | None = None, device: str = "cpu",
              progress: Progress | None = None) -> EvalResult | EncoderEvalResult:
     """Evaluate ``model_dir`` (and optionally the dense model ``against``) under ``protocol``.
 
@@ -134,13 +138,14 @@ def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
     if not get_adapter(reader.config).causal:  # encoders: sentence-embedding fidelity instead
         from compress.eval_encoder import evaluate_encoder
 
-        return evaluate_encoder(model_dir, against, protocol=protocol, data=data, progress=progress)
+        return evaluate_encoder(model_dir, against, protocol=protocol, data=data, progress=progress,
+                                device=device)
     manifest = reader.manifest() or {}
     if against is None and manifest.get("origin") and Path(manifest["origin"]).is_dir():
         against = manifest["origin"]
     windows = eval_token_windows(model_dir, protocol, data)
-    model = load(model_dir)
-    dense = load(resolve_model(str(against))) if against is not None else None
+    model = load(model_dir, device=device)
+    dense = load(resolve_model(str(against)), device=device) if against is not None else None
     name = corpus_protocol_name(protocol, data)
     s = score(model, windows, dense, progress=progress, label=f"eval {name}")
     dense_ppl, dense_bytes = None, None

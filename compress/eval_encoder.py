@@ -90,13 +90,15 @@ def embed(model: nn.Module, tokenizer: object, sentences: list[str], proto: Sent
     for i in range(0, len(sentences), proto.batch_size):
         enc = tokenizer(sentences[i:i + proto.batch_size], padding=True, truncation=True,  # type: ignore[operator]
                         max_length=proto.max_tokens, return_tensors="pt")
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        enc = {k: v.to(dev) for k, v in enc.items()}
         hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                        token_type_ids=enc.get("token_type_ids")).last_hidden_state  # [b, L, d]
         mask = enc["attention_mask"].to(torch.float64).unsqueeze(-1)  # [b, L, 1]
         out.append((hidden.double() * mask).sum(1) / mask.sum(1).clamp_min(1.0))
         if after_batch is not None:
             after_batch()
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 @dataclass
@@ -136,7 +138,7 @@ def _has_lowrank(model: nn.Module) -> bool:
 
 def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *,
                      protocol: str = "brown-sentences-512", data: str | None = None,
-                     progress: Progress | None = None) -> EncoderEvalResult:
+                     progress: Progress | None = None, device: str = "cpu") -> EncoderEvalResult:
     """Embedding fidelity of ``model_dir`` to the dense ``against`` under a sentence protocol.
 
     ``progress(done, total, message)`` is called after each batch of sentences; with ``against``
@@ -158,7 +160,7 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
         against = manifest["origin"]
     sentences = eval_sentences(proto, data)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = load(model_dir)
+    model = load(model_dir, device=device)
     served = "modules"
     if _has_lowrank(model) and enable_flashsvd(model, require=False).total:
         served = "flashsvd"
@@ -169,7 +171,7 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
     dense_bytes = None
     if against is not None:
         dense_dir = resolve_model(str(against))
-        ref = embed(load(dense_dir), tok, sentences, proto, tick)
+        ref = embed(load(dense_dir, device=device), tok, sentences, proto, tick)
         stats.update(cosine_stats(emb, ref))
         dense_bytes = CheckpointReader(dense_dir).total_bytes()
     bits, params = compressed_size(reader, manifest)

@@ -28,11 +28,14 @@ class CalibrationConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    protocol: str = "brown-512"
-    data: str | None = None
-    batch_size: int = Field(8, ge=1, le=4096)
-    n_samples: int | None = Field(None, ge=1, le=100000)
-    seq_len: int | None = Field(None, ge=8, le=131072)
+    protocol: str = Field("brown-512", description="named calibration protocol (`compress list --protocols`)")
+    data: str | None = Field(None, description="calibration text or JSONL file; the protocol is renamed after it "
+                                               "(other.txt → other-512)")
+    batch_size: int = Field(8, ge=1, le=4096, description="calibration windows per forward through a block")
+    n_samples: int | None = Field(None, ge=1, le=100000, description="calibration windows, overriding the "
+                                                                     "protocol's (brown-512 → brown-512-c32)")
+    seq_len: int | None = Field(None, ge=8, le=131072, description="tokens per calibration window, overriding "
+                                                                   "the protocol's (→ brown-512-s256)")
 
     @field_validator("protocol")
     @classmethod
@@ -87,9 +90,19 @@ class Recipe(BaseModel):
     stages: list[Stage] = Field(min_length=1)
     gates: Gates | None = None
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether any stage reads calibration data (a data-free recipe records none)."""
+        from compress.registry import get_pass
+
+        return any(get_pass(s.pass_name).calibrates(s.config) for s in self.stages)
+
     def to_dict(self) -> dict:
-        """Plain data (``pass`` keys, full configs) for YAML/JSON."""
+        """Plain data (``pass`` keys, full configs) for YAML/JSON; a data-free recipe has no
+        ``calibration`` section (it would name a protocol that nothing used)."""
         d = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if not self.calibrates:
+            d.pop("calibration", None)
         for st, stage in zip(d["stages"], self.stages, strict=True):
             st["config"] = stage.config.model_dump(mode="json")
         return d
@@ -98,26 +111,73 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate recipe data; the first error becomes a one-line :class:`CompressError`."""
+def parse_recipe(data: Any, source: str = "recipe", node: yaml.Node | None = None) -> Recipe:
+    """Validate recipe data; the first error becomes a one-line :class:`CompressError` that names
+    the key (``stages[0].config.bits``) and, when ``node`` (the composed YAML) is given, its line."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise CompressError(f"{source}: {loc}: {msg}", "fix the recipe (see `compress list`)") from None
+        loc = _config_loc(tuple(err["loc"]))
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        line = _line_of(node, loc) if node is not None else None
+        where = f"{source}:{line}" if line is not None else source
+        value = err.get("input")
+        got = f" (got {value!r})" if isinstance(value, (int, float, str)) and not isinstance(value, bool) else ""
+        raise CompressError(f"{where}: {_key_name(loc) or '(top level)'}: {msg}{got}",
+                            "fix the recipe (passes and their options: `compress list`, `compress PASS -h`)") from None
+
+
+def _config_loc(loc: tuple) -> tuple:
+    """A stage config's errors arrive as ``stages.0.bits`` (the config is validated inside the
+    stage validator): put the ``config`` key back so the location matches the YAML."""
+    if len(loc) > 2 and loc[0] == "stages" and loc[2] not in ("pass", "config"):
+        return (*loc[:2], "config", *loc[2:])
+    return loc
+
+
+def _key_name(loc: tuple) -> str:
+    """``("stages", 0, "config", "bits")`` → ``stages[0].config.bits``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(node: yaml.Node, loc: tuple) -> int | None:
+    """1-based line of the deepest YAML node on the path ``loc`` (the key itself when present)."""
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; every error names the file, the line and the key."""
     p = Path(path)
     if not p.is_file():
         raise CompressError(f"recipe {p} does not exist", "pass a YAML recipe file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CompressError(f"recipe {p} cannot be read ({type(e).__name__})", "pass a UTF-8 YAML file") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise CompressError(f"recipe {p} is not valid YAML ({e.__class__.__name__})",
-                            "fix the YAML syntax") from None
-    if not isinstance(data, dict):
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise CompressError(f"recipe {where}: not valid YAML ({problem})", "fix the YAML syntax on that line") from None
+    if not isinstance(data, dict) or node is None:
         raise CompressError(f"recipe {p} must be a mapping with 'stages'", "see recipes/ for examples")
-    return parse_recipe(data, source=str(p))
+    return parse_recipe(data, source=f"recipe {p}", node=node)

@@ -26,6 +26,7 @@ class PassSpec:
     needs_calibration: bool | Callable[[PassConfig], bool]
     summary: str
     cli_name: str
+    examples: tuple[str, ...] = ()  # command lines shown in `compress CLI_NAME -h`
 
     def calibrates(self, config: PassConfig) -> bool:
         """Whether this pass, with this config, needs calibration data (e.g. whitened SVD)."""
@@ -38,14 +39,16 @@ PASSES: dict[str, PassSpec] = {}
 
 def register_pass(name: str, config_cls: type[PassConfig], *,
                   needs_calibration: bool | Callable[[PassConfig], bool],
-                  summary: str, cli_name: str | None = None) -> Callable[[type[Pass]], type[Pass]]:
-    """Class decorator registering a pass under ``name`` with its config model."""
+                  summary: str, cli_name: str | None = None,
+                  examples: tuple[str, ...] = ()) -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator registering a pass under ``name`` with its config model (``examples``:
+    command lines for the help of its generated command)."""
 
     def deco(cls: type[Pass]) -> type[Pass]:
         if name in PASSES:
             raise ValueError(f"pass {name!r} registered twice")
         cls.name = name
-        PASSES[name] = PassSpec(name, config_cls, cls, needs_calibration, summary, cli_name or name)
+        PASSES[name] = PassSpec(name, config_cls, cls, needs_calibration, summary, cli_name or name, examples)
         return cls
 
     return deco

@@ -103,13 +103,20 @@ def load_calibration(src: Path, cal: CalibrationConfig, config: dict) -> Calibra
     return Calibration(windows, proto, fingerprint(windows, proto, source), source)
 
 
-def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = False,
+def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = False, force: bool = False,
                progress: Progress | None = None) -> Path:
-    """Apply every stage of ``recipe`` to ``model``; the last stage writes ``out`` atomically."""
+    """Apply every stage of ``recipe`` to ``model``; the last stage writes ``out`` atomically.
+
+    Everything the user can get wrong is checked before any work: the input checkpoint, the
+    output path (``force`` replaces a directory that is not a compress output) and, when a stage
+    calibrates, the corpus (a missing or non-text file is refused here, not after stage 1)."""
     bound_allocator()
     model = Path(model)
     CheckpointReader(model)  # validate the input before any work
-    out = prepare_output(out, [model], overwrite)
+    out = prepare_output(out, [model], overwrite, force)
+    if recipe.calibrates:
+        load_corpus(recipe.calibration.data)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-", dir=out.parent)) \
         if len(recipe.stages) > 1 else None
     try:
@@ -117,7 +124,7 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
         for i, stage in enumerate(recipe.stages):
             last = i == len(recipe.stages) - 1
             dst = out if last else tmp / f"stage-{i}"  # type: ignore[operator]
-            run_stage(recipe, i, src, dst, overwrite=overwrite if last else False, progress=progress)
+            run_stage(recipe, i, src, dst, overwrite=(overwrite or force) if last else False, progress=progress)
             src = dst
     finally:
         if tmp is not None:

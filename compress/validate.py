@@ -167,8 +167,10 @@ def _unvalidated(model: nn.Module, manifest: dict, checked: list[str]) -> dict[s
 
 
 def validate(path: str | Path, *, ms: list[int] | None = None, dtypes: list[str] | None = None,
-             tolerance: dict[str, float] | None = None, seed: int = 0) -> ValidationReport:
-    """Load ``path`` with :func:`compress.load` and check every compressed module."""
+             tolerance: dict[str, float] | None = None, seed: int = 0,
+             device: str = "cpu") -> ValidationReport:
+    """Load ``path`` with :func:`compress.load` onto ``device`` and check every compressed module
+    (on CUDA the served path is the Triton kernels, on CPU the torch twins)."""
     from compress.api import load
     from compress.assets import resolve_model
 
@@ -177,7 +179,7 @@ def validate(path: str | Path, *, ms: list[int] | None = None, dtypes: list[str]
     tolerance = tolerance or dict(DEFAULT_TOLERANCE)
     check_options(ms, dtypes)
     model_dir = resolve_model(str(path))
-    model = load(model_dir)
+    model = load(model_dir, device=device)
     manifest = getattr(model, "compress_manifest", {}) or {}
     mods = validatable_modules(model)
     report = ValidationReport(str(model_dir), ms, dtypes, {d: tolerance[d] for d in dtypes}, seed)

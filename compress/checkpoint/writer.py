@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 from types import TracebackType
 
@@ -28,9 +29,12 @@ _DTYPE_NAMES = {
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def prepare_output(out: str | Path, inputs: list[Path], overwrite: bool) -> Path:
-    """Validate an output path before any work starts (never into an input, never clobber)."""
+def prepare_output(out: str | Path, inputs: list[Path], overwrite: bool, force: bool = False) -> Path:
+    """Validate an output path before any work starts: never into an input, never clobber, and
+    never replace a directory that is not a compress output unless ``force``; the place it will
+    be written must be writable (checked now, not after the compression)."""
     out = Path(out).resolve()
+    overwrite = overwrite or force
     for src in inputs:
         src = Path(src).resolve()
         if out == src or src in out.parents:
@@ -39,11 +43,33 @@ def prepare_output(out: str | Path, inputs: list[Path], overwrite: bool) -> Path
         if overwrite and out in src.parents:
             raise CompressError(f"--overwrite would delete the input {src} (it is inside {out})",
                                 "choose another output directory")
-    if out.exists() and not overwrite:
-        raise CompressError(f"output {out} already exists", "pass --overwrite or choose another path")
     if out.exists() and not out.is_dir():
         raise CompressError(f"output {out} exists and is not a directory", "choose another path")
+    if out.exists() and not overwrite:
+        raise CompressError(f"output {out} already exists", "pass --overwrite or choose another path")
+    if out.exists() and not force and not (out / "compression.json").is_file() and any(out.iterdir()):
+        raise CompressError(f"output {out} is not a compress output (no compression.json); "
+                            "--overwrite would delete everything in it",
+                            "choose another path, or pass --force to replace it anyway")
+    ensure_writable(out.parent, "the output")
     return out
+
+
+def ensure_writable(directory: Path, what: str) -> None:
+    """Fail now, in one line, if files cannot be created in ``directory`` (or, when it does not
+    exist yet, in its nearest existing ancestor): read-only mounts, permissions, full disks."""
+    probe_dir = Path(directory).resolve()
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise CompressError(f"cannot write {what}: {probe_dir} is not a directory", "choose another path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".compress-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise CompressError(f"cannot write {what} into {probe_dir} ({e.strerror or type(e).__name__})",
+                            "choose a writable location") from None
 
 
 class _Shard:

@@ -31,8 +31,9 @@ class PassConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     version: int = Field(1, ge=1, le=1, description="config schema version")
-    targets: list[str] = Field(default_factory=list)
-    ignore: list[str] = Field(default_factory=list)
+    targets: list[str] = Field(default_factory=list, description=(
+        "regex over block-relative linear names (self_attn.q_proj) to compress"))
+    ignore: list[str] = Field(default_factory=list, description="regex of linears to leave dense (wins over --target)")
 
     def selects(self, rel_name: str) -> bool:
         if any(re.search(p, rel_name) for p in self.ignore):

@@ -58,7 +58,8 @@ class LowRankConfig(PassConfig):
     whiten: bool = Field(True, description="whitened SVD from calibration data (SVD-LLM)")
     per_head: bool = Field(False, description="factor q/k/v per attention head")
     damp: float = Field(1e-4, ge=0.0, le=10.0, description="Gram damping, fraction of mean diagonal")
-    propagate: Literal["compressed", "dense"] = "compressed"
+    propagate: Literal["compressed", "dense"] = Field("compressed", description=(
+        "what calibrates the next block: this block's factored or dense outputs"))
 
     @field_validator("ranks", mode="before")
     @classmethod
@@ -96,7 +97,10 @@ def _heads_of(config: dict, role: str) -> tuple[int, int]:
 
 
 @register_pass("lowrank", LowRankConfig, needs_calibration=lambda cfg: cfg.whiten,
-               summary="low-rank factorisation: plain or whitened (SVD-LLM) truncated SVD")
+               summary="low-rank factorisation: plain or whitened (SVD-LLM) truncated SVD",
+               examples=("compress lowrank smollm2-135m --ratio 0.8 -o out/lr80",
+                         "compress lowrank smollm2-135m --energy 0.95 --no-whiten -o out/e95",
+                         "compress lowrank smollm2-135m --ranks ranks.yaml -o out/lr"))
 class LowRankPass(Pass):
     """Factor every selected linear; fused siblings share one Gram matrix and whitening."""
 

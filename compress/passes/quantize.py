@@ -39,12 +39,12 @@ class QuantConfig(PassConfig):
         ``{pass: rtn, config: {bits: 4, group_size: 64}}``
     """
 
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: Literal[2, 3, 4, 8] = Field(4, description="code width in bits")
     group_size: int | Literal["auto"] | None = Field(
         "auto", description="input columns per scale: a number, 0 for per channel, or auto "
                             "(the largest of 128/64/32 dividing every quantised width)")
-    symmetric: bool = True
-    mse: bool = False
+    symmetric: bool = Field(True, description="symmetric grids; --asym stores a zero point per group")
+    mse: bool = Field(False, description="shrink each grid's clipping range to minimise the weight error")
 
     @field_validator("group_size", mode="before")
     @classmethod
@@ -54,7 +54,7 @@ class QuantConfig(PassConfig):
         if v in (0, -1, None):
             return None
         if isinstance(v, int) and not isinstance(v, bool) and not 8 <= v <= 65536:
-            raise ValueError(f"group_size must be in [8, 65536] or null (per channel), got {v}")
+            raise ValueError("must be 0 (per channel), auto, or a number of columns in [8, 65536]")
         return v
 
     def resolved(self, widths: set[int]) -> QuantConfig:
@@ -107,14 +107,19 @@ class GPTQConfig(QuantConfig):
         hessian_dtype: accumulator dtype of the input Gram matrices.
     """
 
-    mse: bool = True  # GPTQ defaults to its best-measured setting (BENCHMARKS.md, issue 2)
-    damp: float = Field(0.01, gt=0.0, le=10.0)
-    block_size: int = Field(128, ge=1, le=8192)
-    act_order: bool = True
-    static_groups: bool = False
-    sequential: Literal["true", "layer"] = "true"
-    propagate: Literal["quantized", "dense"] = "quantized"
-    hessian_dtype: Literal["float64", "float32"] = "float64"
+    # GPTQ defaults to its best-measured setting (BENCHMARKS.md, issue 2)
+    mse: bool = Field(True, description="shrink each grid's clipping range to minimise the weight error")
+    damp: float = Field(0.01, gt=0.0, le=10.0, description="Hessian dampening, fraction of mean(diag H); "
+                                                           "raised ×10 on a failed Cholesky")
+    block_size: int = Field(128, ge=1, le=8192, description="columns per lazy batch update")
+    act_order: bool = Field(True, description="quantise columns by decreasing Hessian diagonal (static grids, "
+                                              "no g_idx)")
+    static_groups: bool = Field(False, description="every group's grid from the original weights")
+    sequential: Literal["true", "layer"] = Field("true", description=(
+        "true: re-run the block after each fused group; layer: every Hessian from one forward"))
+    propagate: Literal["quantized", "dense"] = Field("quantized", description=(
+        "what calibrates the next block: this block's quantised or dense outputs"))
+    hessian_dtype: Literal["float64", "float32"] = Field("float64", description="Hessian accumulator dtype")
 
 
 def quant_bytes(cfg: QuantConfig, out_f: int, in_f: int, scale_bytes: int = 4) -> int:
@@ -199,7 +204,9 @@ def _install(ctx: LayerContext, name: str, qw: QuantizedWeight, stage: str, t: f
 
 
 @register_pass("rtn", QuantConfig, needs_calibration=False,
-               summary="round-to-nearest weight quantisation (data-free)")
+               summary="round-to-nearest weight quantisation (data-free)",
+               examples=("compress rtn smollm2-135m --bits 8 -o out/w8",
+                         "compress rtn smollm2-135m --bits 4 --group-size 32 --asym -o out/w4a"))
 class RTNPass(_QuantPass):
     """Round every selected linear to the nearest grid point, group by group."""
 
@@ -217,7 +224,10 @@ class RTNPass(_QuantPass):
 
 
 @register_pass("gptq", GPTQConfig, needs_calibration=True,
-               summary="GPTQ: Hessian-aware sequential weight quantisation")
+               summary="GPTQ: Hessian-aware sequential weight quantisation",
+               examples=("compress gptq smollm2-135m --bits 4 -o out/w4",
+                         "compress gptq smollm2-135m --bits 3 --asym --ignore mlp.down -o out/w3",
+                         "compress gptq MODEL --bits 4 --data my.txt --n-samples 64 -o OUT"))
 class GPTQPass(_QuantPass):
     """GPTQ every selected linear; fused siblings share one Hessian and one call."""
 

@@ -159,7 +159,9 @@ class _Point:
 
 
 @register_pass("slicegpt", SliceConfig, needs_calibration=True, cli_name="slice",
-               summary="SliceGPT: rotate the residual stream by PCA and slice it")
+               summary="SliceGPT: rotate the residual stream by PCA and slice it",
+               examples=("compress slice smollm2-135m --sparsity 0.25 -o out/s25",
+                         "compress slice smollm2-135m --schedule schedule.yaml -o out/s"))
 class SliceGPTPass(Pass):
     """Rotate-and-slice every block; see the module docstring."""
 

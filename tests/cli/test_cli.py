@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import SMOKE, dir_hash, run_cli
+from tests.conftest import SMOKE, dir_hash, error_lines, run_cli
 
 COMMANDS = ["quantize", "run", "eval", "list", "inspect", "plan", "assets", "demo", "rtn", "gptq"]
 
@@ -55,7 +55,7 @@ def test_quantize_plan_eval_end_to_end(tiny_llama: Path, tmp_path: Path, monkeyp
 
 def _assert_clean_failure(code: int, err: str, out: Path | None, needle: str) -> None:
     assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    lines = error_lines(err)
     assert len(lines) == 1 and "Traceback" not in err, err
     assert needle.lower() in err.lower(), err
     if out is not None:
@@ -115,7 +115,7 @@ def test_bad_checkpoints(case: str, needle: str, tiny_llama: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("args,needle", [
     (["--bits", "5"], "bits"),
-    (["--group-size", "3"], "group_size"),
+    (["--group-size", "3"], "--group-size 3"),
     (["--seq-len", "4096"], "context"),
     (["--damp", "-1"], "damp"),
 ])
@@ -156,7 +156,11 @@ def test_output_paths(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.Monk
     assert code == 2 and "--overwrite" in err and (existing / "keep.txt").read_text() == "mine"
     assert dir_hash(src) == before
     code, _, err = run_cli(["rtn", str(src), "-o", str(existing), "--overwrite"], monkeypatch, capsys)
+    assert code == 2 and "--force" in err and (existing / "keep.txt").read_text() == "mine"  # not ours
+    code, _, err = run_cli(["rtn", str(src), "-o", str(existing), "--force"], monkeypatch, capsys)
     assert code == 0 and not (existing / "keep.txt").exists()
+    code, _, err = run_cli(["rtn", str(src), "-o", str(existing), "--overwrite"], monkeypatch, capsys)
+    assert code == 0, err  # a compress output is replaced with --overwrite alone
 
 
 @pytest.mark.parametrize("content,needle", [("", "empty"), ("a\nfew\nshort\nlines\n", "fewer than one"),

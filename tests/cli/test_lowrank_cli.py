@@ -58,7 +58,7 @@ def test_bad_lowrank_inputs(args: list[str], needle: str, tiny_llama: Path, tmp_
         resolved.append(a.replace("{tmp}", str(tmp_path)))
     before = dir_hash(tiny_llama)
     out = tmp_path / "out"
-    code, _, err = run_cli(["lowrank", str(tiny_llama), "-o", str(out), "--no-whiten", *SMOKE, *resolved],
+    code, _, err = run_cli(["lowrank", str(tiny_llama), "-o", str(out), "--no-whiten", *resolved],
                            monkeypatch, capsys)
     assert_refused(code, err, needle, tiny_llama, before, out)
 

@@ -66,25 +66,31 @@ def test_eval_on_other_text_is_named_after_it(tiny_llama: Path, other_txt: Path,
     from compress.calib.protocol import get_protocol
     from compress.eval import eval_token_windows
 
-    monkeypatch.chdir(tmp_path)  # a dense input has no compression.json: the JSON lands in cwd
-    code, stdout, err = run_cli(["eval", str(tiny_llama), "--protocol", "brown-128-smoke",
+    out = tmp_path / "rtn"  # a compress output: the JSON lands in it, named after the data
+    code, _, err = run_cli(["rtn", str(tiny_llama), "-o", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["eval", str(out), "--protocol", "brown-128-smoke",
                                  "--data", str(other_txt)], monkeypatch, capsys)
     assert code == 0, err
     windows = eval_token_windows(tiny_llama, "brown-128-smoke", str(other_txt)).shape[0]
     assert 1 <= windows < get_protocol("brown-128-smoke").n_eval  # a short text: fewer windows
     assert f"other-128-smoke, {windows} windows" in stdout and "brown" not in stdout
-    assert not (tmp_path / "eval-brown-128-smoke.json").exists()
-    res = json.loads((tmp_path / "eval-other-128-smoke.json").read_text())
+    assert not (out / "eval-brown-128-smoke.json").exists()
+    res = json.loads((out / "eval-other-128-smoke.json").read_text())
     assert res["protocol"] == "other-128-smoke" and res["eval_windows"] == windows
     assert res["eval_tokens"] == windows * 127 and res["data"] == str(other_txt.resolve())
 
 
 def test_eval_on_brown_keeps_the_name(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a dense input is not a compress output: nothing lands in cwd
     code, stdout, err = run_cli(["eval", str(tiny_llama), "--protocol", "brown-128-smoke"], monkeypatch, capsys)
     assert code == 0, err
-    res = json.loads((tmp_path / "eval-brown-128-smoke.json").read_text())
+    assert not list(tmp_path.iterdir()) and "pass --json" in err
+    code, stdout, err = run_cli(["eval", str(tiny_llama), "--protocol", "brown-128-smoke",
+                                 "--json", str(tmp_path / "e.json")], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "e.json").read_text())
     assert res["protocol"] == "brown-128-smoke" and res["eval_windows"] == 4 and res["data"] == "brown"
     assert "brown-128-smoke, 4 windows" in stdout
 
@@ -112,10 +118,9 @@ def test_calibration_on_other_text_is_recorded_under_its_name(
 def test_encoder_eval_on_other_text_is_named_after_it(tiny_bert: Path, other_txt: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.chdir(tmp_path)
     code, stdout, err = run_cli(["eval", str(tiny_bert), "--protocol", "brown-128-smoke",
-                                 "--data", str(other_txt)], monkeypatch, capsys)
+                                 "--data", str(other_txt), "--json", str(tmp_path / "e.json")], monkeypatch, capsys)
     assert code == 0, err
-    res = json.loads((tmp_path / "eval-other-128-smoke.json").read_text())
+    res = json.loads((tmp_path / "e.json").read_text())
     assert res["protocol"] == "other-sentences-64-smoke" and res["sentences"] == 6  # 60 lines: 6 test lines
     assert "other-sentences-64-smoke, 6 sentences" in stdout and "brown" not in stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import error_lines, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tiny_w4(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _one_line_error(code: int, err: str, needle: str) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    lines = error_lines(err)
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert needle.lower() in err.lower(), err
 

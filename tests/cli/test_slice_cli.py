@@ -35,7 +35,7 @@ CASES = [
     (["--schedule", "{tmp}/missing.yaml"], "does not exist"),
     (["--sparsity", "0.2", "--schedule", "FILE:- 0.1\n- 0.2\n- 0.3\n"], "either sparsity or schedule"),
     (["--round-to", "0"], "round"),
-    (["--targets", "mlp"], "cannot select a subset"),
+    (["--target", "mlp"], "cannot select a subset"),
 ]
 
 
