@@ -192,9 +192,11 @@ def quality_row(model: str, ratio: float, whiten: bool, protocol: str, calib_sam
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"
     args = ["lowrank", str(src), "--ratio", str(ratio), "--whiten" if whiten else "--no-whiten",
-            "-o", str(out), "--overwrite", "--protocol", protocol]
-    if calib_samples is not None:
-        args += ["--n-samples", str(calib_samples)]
+            "-o", str(out), "--overwrite"]
+    if whiten:  # plain SVD is data-free: the CLI refuses calibration options for it
+        args += ["--protocol", protocol]
+        if calib_samples is not None:
+            args += ["--n-samples", str(calib_samples)]
     run = measured(compress_cmd(*args), env=_one_thread_env(), log=log)
     res = evaluate(out, src, protocol=protocol)
     # the calibration protocol as the run recorded it: a reduced one has its own name
