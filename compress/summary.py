@@ -48,7 +48,7 @@ def describe(model: str) -> Table:
     if "tool" in manifest:
         rows += [("made by", f"compress {manifest['tool']['version']} ({manifest['tool'].get('git_sha')})"),
                  ("stages", " → ".join(h["pass"] for h in manifest.get("history", []))),
-                 ("calibration", str((manifest.get("calibration") or {}).get("protocol")))]
+                 ("calibration", (manifest.get("calibration") or {}).get("protocol") or "none (data-free)")]
     export = manifest.get("export")
     if export is not None:
         rows.append(("loads in", "compress.load and transformers + compressed-tensors"
