@@ -26,7 +26,7 @@ from rich.progress import (
 
 from compress import cliopts
 from compress.errors import CompressError
-from compress.passes.base import PassConfig
+from compress.pipeline.pass_api import PassConfig
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec
 from compress.units import human_bytes, human_seconds

@@ -14,8 +14,8 @@ from compress.arch import Adapter
 
 if TYPE_CHECKING:
     from compress.checkpoint import CheckpointReader, CheckpointWriter
+    from compress.pipeline.contexts import Calibration
     from compress.recipe import Recipe
-    from compress.runner import Calibration
 
 FORMAT_VERSION = 2
 """2: 3-bit codes packed as one dense bit stream (compressed-tensors ≥ 0.19); 1: ten to a word."""

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.calib.protocol import PROTOCOLS
 from compress.errors import CompressError
-from compress.passes.base import PassConfig
+from compress.pipeline.pass_api import PassConfig
 
 
 class CalibrationConfig(BaseModel):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from compress.errors import CompressError
 
 if TYPE_CHECKING:
-    from compress.passes.base import Pass, PassConfig
+    from compress.pipeline.pass_api import Pass, PassConfig
 
 
 @dataclass(frozen=True)

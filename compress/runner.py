@@ -12,7 +12,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from compress._memory import bound_allocator, trim
 from compress.arch import Adapter, get_adapter
 from compress.calib.corpus import load_corpus
-from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
+from compress.calib.pipeline import LayerContext, capture_block_inputs
 from compress.calib.protocol import (
     Protocol, calibration_windows, corpus_protocol_name, fingerprint, get_protocol, split_lines,
     tokenize_joined)
@@ -29,39 +28,14 @@ from compress.checkpoint import CheckpointReader, CheckpointWriter, prepare_outp
 from compress.errors import CompressError
 from compress.model import (
     build_skeleton, get_module, materialize, reader_manifest, release, state_dict_of, tie_head)
-from compress.passes.base import Pass
+from compress.pipeline.contexts import Calibration, RunContext
+from compress.pipeline.pass_api import Pass
 from compress.provenance import export_quantization_config, provenance, side_files
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import get_pass
-from compress.report import LayerRecord, write_all
+from compress.report import write_all
 
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass
-class RunContext:
-    """Whole-model state a pass can read and change during one stage."""
-
-    reader: CheckpointReader
-    adapter: Adapter
-    model: nn.Module
-    config: dict
-    state: CalibState | None
-    modules: dict[str, dict]
-    transforms: list[dict]
-    records: list[LayerRecord] = field(default_factory=list)
-    notes: dict = field(default_factory=dict)
-    tied_head: bool = False
-
-
-@dataclass
-class Calibration:
-    """Token windows for one stage plus their provenance."""
-
-    windows: torch.Tensor
-    protocol: Protocol
-    fingerprint: str
-    source: str
 
 
 def make_protocol(cal: CalibrationConfig) -> Protocol:

@@ -14,7 +14,7 @@ from compress.assets import resolve_model
 from compress.calib.protocol import corpus_protocol_name
 from compress.checkpoint import CheckpointReader
 from compress.model import reader_manifest
-from compress.passes.base import PassConfig
+from compress.pipeline.pass_api import PassConfig
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec, get_pass
 from compress.runner import make_protocol

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from compress.arch import Adapter
 from compress.calib.hessian import GramAccumulator
 from compress.model import get_module, set_module
-from compress.modules.quant_linear import dense_cache
+from compress.modules.protocol import calibration_mode
 
 
 class _StopForward(Exception):
@@ -153,7 +153,7 @@ class LayerContext:
             handles.append(self.module(rel).register_forward_pre_hook(
                 _make_hook(fn, stop=(rel == stop_at))))
         try:
-            with torch.no_grad(), dense_cache(self.layer):
+            with torch.no_grad(), calibration_mode(self.layer):
                 for b in self.state.batches():
                     try:
                         self.state.call(self.layer, b, self.state.batch(b))
@@ -185,7 +185,7 @@ class LayerContext:
         handles = [self.module(rel).register_forward_pre_hook(_make_hook(fn, stop=False))
                    for rel, fn in pre_hooks.items()]
         try:
-            with torch.no_grad(), dense_cache(self.layer):
+            with torch.no_grad(), calibration_mode(self.layer):
                 self._store_outputs()
         finally:
             for h in handles:
@@ -195,7 +195,7 @@ class LayerContext:
         """Replace the activations with this (now compressed) block's outputs."""
         if self.state is None or self.propagated:
             return
-        with torch.no_grad(), dense_cache(self.layer):
+        with torch.no_grad(), calibration_mode(self.layer):
             self._store_outputs()
 
     def _store_outputs(self) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from compress.calib.hessian import GramAccumulator
 from compress.calib.pipeline import LayerContext, _StopForward, block_output
-from compress.modules.quant_linear import dense_cache
+from compress.modules.protocol import calibration_mode, supports_staged_calibration
 
 Quantize = Callable[[list[str], Tensor], None]
 
@@ -35,7 +35,7 @@ def supports_staged(ctx: LayerContext) -> bool:
     """The adapter describes a pre-norm residual block with attention + MLP sub-modules, and
     the block is the plain one (a SliceGPT block carries residual shortcuts the stages omit)."""
     a = ctx.adapter
-    if hasattr(ctx.layer, "_slice_paths"):  # a sliced block (residual shortcuts): generic path
+    if not supports_staged_calibration(ctx.layer):  # e.g. a sliced block (residual shortcuts)
         return False
     return (a.pre_norm and a.causal and len(a.groups) == 4
             and {"attn", "mlp", "o", "down"} <= set(a.roles) and ctx.state is not None)
@@ -63,14 +63,14 @@ def run_staged(ctx: LayerContext, groups: list[list[str]], quantize: Quantize) -
             acc.add(norm1(st.batch(b)))
         _maybe(quantize, groups[0], acc)
 
-        with dense_cache(attn):
+        with calibration_mode(attn):
             acc = GramAccumulator(o_proj().in_features, dt)
             for b in st.batches():
                 _run_until(o_proj(), lambda x, b=b: (acc.add(x), view(b).copy_(x)),
                            lambda b=b: attn(hidden_states=norm1(st.batch(b)), **_attn_kwargs(st.kwargs[b])))
         _maybe(quantize, groups[1], acc)
 
-        with dense_cache(attn):
+        with calibration_mode(attn):
             acc = GramAccumulator(st.hidden.shape[-1], dt)
             for b in st.batches():
                 h = view(b)
@@ -78,13 +78,13 @@ def run_staged(ctx: LayerContext, groups: list[list[str]], quantize: Quantize) -
                 acc.add(norm2(h))
         _maybe(quantize, groups[2], acc)
 
-        with dense_cache(mlp):
+        with calibration_mode(mlp):
             acc = GramAccumulator(down().in_features, dt)
             for b in st.batches():
                 _run_until(down(), acc.add, lambda b=b: mlp(norm2(view(b))))
         _maybe(quantize, groups[3], acc)
 
-        with dense_cache(mlp):
+        with calibration_mode(mlp):
             for b in st.batches():
                 h = view(b)
                 st.batch(b).copy_(h + block_output(mlp(norm2(h))))

@@ -13,10 +13,18 @@ obviously-correct torch math, so that a kernel bug shows up as a disagreement be
 
 The protocol is structural (:class:`typing.Protocol`): a module implements it by having these
 members; nothing needs to be imported or subclassed.
+
+How a module runs *during calibration* is also the module's business, not the pipeline's: a
+module may offer ``calibration_cache()``, a context manager under which its forward is cheaper
+for many batches (e.g. ``QuantLinear`` decodes its codes once); :func:`calibration_mode` enters
+it for every module of a block. A block that the staged (attention-then-MLP) calibration cannot
+run says so with ``supports_staged_calibration = False`` (:func:`supports_staged_calibration`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -39,6 +47,24 @@ class Validatable(Protocol):
     def kernel_path(self, x: Tensor) -> str:
         """Label of the kernel path ``forward(x)`` takes (depends on rows, device, backend)."""
         ...
+
+
+@contextlib.contextmanager
+def calibration_mode(root: nn.Module) -> Iterator[None]:
+    """Run ``root`` as calibration does (many batches through one block): every module under it
+    that offers ``calibration_cache()`` enters it for the duration (numbers unchanged)."""
+    with contextlib.ExitStack() as stack:
+        for mod in root.modules():
+            cache = getattr(mod, "calibration_cache", None)
+            if callable(cache):
+                stack.enter_context(cache())
+        yield
+
+
+def supports_staged_calibration(block: nn.Module) -> bool:
+    """Whether the staged calibration (attention, then MLP, on a standard pre-norm block) can run
+    ``block``; a block kind that changes the residual structure opts out."""
+    return bool(getattr(block, "supports_staged_calibration", True))
 
 
 def validatable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

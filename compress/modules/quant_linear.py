@@ -53,7 +53,7 @@ class QuantLinear(nn.Module):
                 plen(out_features, bits), n_groups, dtype=torch.int32, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, **kw),
                                  requires_grad=False) if bias else None
-        self._dense: Tensor | None = None  # set only inside dense_cache()
+        self._dense: Tensor | None = None  # set only inside calibration_cache()
         # how the codes were chosen (recorded in the manifest and the export; no effect on serving)
         self.act_order, self.observer = False, "minmax"
 
@@ -87,6 +87,16 @@ class QuantLinear(nn.Module):
         return dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point,
                           bits=self.bits, group_size=self.group_size,
                           in_features=self.in_features, dtype=dtype or self.weight_scale.dtype)
+
+    @contextlib.contextmanager
+    def calibration_cache(self) -> Iterator[None]:
+        """Serve from the dequantised weight, decoded once, while calibration runs many batches
+        through this block right after quantising it (numbers identical to the packed path)."""
+        self._dense = self.dequantized_weight(torch.float32)
+        try:
+            yield
+        finally:
+            self._dense = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dense is not None:
@@ -128,24 +138,6 @@ class QuantLinear(nn.Module):
                 "group_size": self.group_size, "symmetric": self.symmetric,
                 "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "act_order": self.act_order, "observer": self.observer}
-
-
-@contextlib.contextmanager
-def dense_cache(root: nn.Module) -> Iterator[None]:
-    """Serve every QuantLinear under ``root`` from its dequantised weight (decoded once).
-
-    The pipeline runs each block over many calibration batches right after quantising it;
-    decoding the codes once per block instead of once per batch is what this is for. The
-    numbers are identical to the packed path (same dequantisation).
-    """
-    mods = [m for m in root.modules() if isinstance(m, QuantLinear)]
-    for m in mods:
-        m._dense = m.dequantized_weight(torch.float32)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m._dense = None
 
 
 @register_kind("quant")

@@ -71,6 +71,8 @@ class _SlicedBlock:
 
     _extra_names: tuple[str, ...] = ()
     _slice_paths: tuple[str, str, str, str] = ("", "", "", "")
+    #: residual shortcuts: the staged (attention-then-MLP) calibration cannot run this block
+    supports_staged_calibration = False
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
         kwargs.update(zip(self._extra_names, args, strict=False))  # positional extras by name

@@ -20,13 +20,13 @@ from torch import Tensor, nn
 from compress.algos import svd
 from compress.errors import CompressError
 from compress.modules.lowrank import LowRankLinear
-from compress.passes.base import Pass, PassConfig, read_data_file
+from compress.pipeline.pass_api import Pass, PassConfig, read_data_file
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
 if TYPE_CHECKING:
     from compress.calib.pipeline import LayerContext
-    from compress.runner import RunContext
+    from compress.pipeline.contexts import RunContext
 
 
 class LowRankConfig(PassConfig):

@@ -16,7 +16,7 @@ from compress.algos.quant import QuantizedWeight, QuantSpec, rtn_quantize, split
 from compress.calib.pipeline import LayerContext
 from compress.calib.staged import run_staged, supports_staged
 from compress.modules.quant_linear import QuantLinear
-from compress.passes.base import Pass, PassConfig
+from compress.pipeline.pass_api import Pass, PassConfig
 from compress.registry import register_pass
 from compress.report import LayerRecord
 

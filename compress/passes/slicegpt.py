@@ -37,22 +37,22 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from compress.algos.slicegpt import (
-    PCA, basis_of, head_map, pca, read_side, rms_norm_at_width, rotate_rows, shortcut_weight,
-    sliced_width, unit_rows, write_side)
+    PCA, basis_of, head_map, pca, read_side, rms_norm_at_width, rotate_rows, shortcut_weight, sliced_width,
+    unit_rows, write_side)
 from compress.calib.hessian import GramAccumulator
 from compress.calib.pipeline import CalibState, block_output
 from compress.errors import CompressError
 from compress.model import get_module, set_module
 from compress.modules.sliced import (
-    ProjectedRMSNorm, SlicedEmbedding, block_linears, block_paths, make_sliced_block, norm_eps,
-    set_linear, set_norm, set_shortcut)
-from compress.passes.base import Pass, PassConfig, read_data_file
+    ProjectedRMSNorm, SlicedEmbedding, block_linears, block_paths, make_sliced_block, norm_eps, set_linear,
+    set_norm, set_shortcut)
+from compress.pipeline.pass_api import Pass, PassConfig, read_data_file
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
 if TYPE_CHECKING:
     from compress.calib.pipeline import LayerContext
-    from compress.runner import RunContext
+    from compress.pipeline.contexts import RunContext
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 import compress
 from compress import report
-from compress.passes.base import Pass, PassConfig
+from compress.pipeline.pass_api import Pass, PassConfig
 from compress.passes.lowrank import LowRankConfig, LowRankPass
 from compress.passes.quantize import GPTQConfig, GPTQPass, QuantConfig, RTNPass
 from compress.passes.slicegpt import SliceConfig, SliceGPTPass

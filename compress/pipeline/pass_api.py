@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from compress.calib.pipeline import LayerContext
+    from compress.pipeline.contexts import RunContext
     from compress.report import LayerRecord
-    from compress.runner import RunContext
 
 
 class PassConfig(BaseModel):
