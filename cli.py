@@ -379,24 +379,17 @@ app.command("run", epilog=_examples(
 
 
 def _check_gates(gates, out: Path, model: str) -> None:  # noqa: ANN001
-    from compress.eval import evaluate
+    from compress.gates import GateFailure, check_gates
 
     with _Steps() as steps:
-        res = evaluate(out, model, protocol=gates.protocol, progress=steps)
-    _print_eval(res)
-    failures = []
-    ratio = res.ppl / res.dense_ppl if res.dense_ppl else float("inf")
-    if gates.max_ppl_ratio is not None and ratio > gates.max_ppl_ratio:
-        failures.append(f"PPL ratio {ratio:.3f} > {gates.max_ppl_ratio}")
-    if gates.min_top1 is not None and (res.top1_agreement or 0) < gates.min_top1:
-        failures.append(f"top-1 agreement {res.top1_agreement:.3f} < {gates.min_top1}")
-    if gates.max_kl is not None and (res.kl_mean or float("inf")) > gates.max_kl:
-        failures.append(f"KL {res.kl_mean:.4f} > {gates.max_kl}")
-    if failures:
-        console.print(f"[red]gate failed[/red] ({gates.protocol}): " + "; ".join(failures)
-                      + f"; the output was kept at {out} (inspect it, or delete it)", soft_wrap=True)
-        raise typer.Exit(1)
-    console.print(f"[green]gates passed[/green] ({gates.protocol}, PPL ratio {ratio:.3f})")
+        report = check_gates(gates, out, model, progress=steps)
+    _print_eval(report.result)
+    if not report.passed:
+        err = GateFailure(report, out)
+        console.print(f"[red]gate failed[/red] ({report.protocol}): {'; '.join(report.failures)}; "
+                      f"the output was kept at {out} ({err.fix})", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code)
+    console.print(f"[green]gates passed[/green] ({report.protocol}, PPL ratio {report.ppl_ratio:.3f})")
 
 
 def _print_eval(res) -> None:  # noqa: ANN001

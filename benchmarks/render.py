@@ -1,6 +1,6 @@
 """Markdown tables for BENCHMARKS.md, printed from the results JSON (never typed in by hand).
 
-Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e
+Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e | depth
 """
 
 from __future__ import annotations
@@ -73,8 +73,26 @@ def kernels_e2e() -> str:
     return "\n".join(lines)
 
 
+def depth() -> str:
+    """Peak RSS on the 60-block variant of SmolLM2 (blocks repeated) vs the 30-block model."""
+    rows = [("GPTQ W4 g64", "quant.json", "depth_memory"), ("SliceGPT 25 %", "slicegpt.json", "depth")]
+    lines = ["| pass | calibration | 30 blocks: peak RSS (wall) | 60 blocks: peak RSS (wall) | RSS ratio | command |",
+             "|---|---|---|---|---|---|"]
+    for label, file, key in rows:
+        d = json.loads((RESULTS / file).read_text()).get(key)
+        if not d or "layers_60" not in d:
+            lines.append(f"| {label} | — | not measured | not measured | — | — |")
+            continue
+        a, b = d["layers_30"], d["layers_60"]
+        lines.append(f"| {label} | {d.get('calibration', 'brown-512')} | {_gb(a['peak_rss_bytes'])} "
+                     f"({a['wall_s']:.0f} s) | {_gb(b['peak_rss_bytes'])} ({b['wall_s']:.0f} s) | "
+                     f"**{d['rss_ratio']:.3f}×** | `{d.get('command', '')}` |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e}
+    table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
+             "depth": depth}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

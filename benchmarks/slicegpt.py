@@ -149,7 +149,8 @@ def main() -> None:
             runs[label] = measured(compress_cmd("slice", str(src), "--sparsity", "0.25", "-o", str(out)),
                                    log=work / f"depth-{label}.log")
             shutil.rmtree(out, ignore_errors=True)
-        res["depth"] = {**runs, "rss_ratio": runs["layers_60"]["peak_rss_bytes"] / runs["layers_30"]["peak_rss_bytes"]}
+        res["depth"] = {**runs, "calibration": "brown-512", "command": res["commands"]["slicegpt"],
+                        "rss_ratio": runs["layers_60"]["peak_rss_bytes"] / runs["layers_30"]["peak_rss_bytes"]}
         store(res)
         print("depth", res["depth"], flush=True)
     print(store(res))

@@ -49,14 +49,23 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", flashsvd: bool
 
 
 def run(recipe: str | Path | dict[str, Any] | Recipe, model: str | Path, out: str | Path, *,
-        overwrite: bool = False, force: bool = False) -> Path:
+        overwrite: bool = False, force: bool = False, gates: bool = True) -> Path:
     """Apply a recipe (path to YAML, dict or :class:`Recipe`) to ``model``; returns ``out``.
 
-    ``overwrite`` replaces an existing compress output; ``force`` replaces any directory."""
+    ``overwrite`` replaces an existing compress output; ``force`` replaces any directory. When
+    the recipe has quality gates (and ``gates``), the output is evaluated against ``model`` and
+    :class:`compress.gates.GateFailure` is raised if it misses one (the output is kept)."""
+    from compress.gates import GateFailure, check_gates
     from compress.runner import run_recipe
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
-    return run_recipe(recipe, resolve_model(str(model)), Path(out), overwrite=overwrite, force=force)
+    src = resolve_model(str(model))
+    path = run_recipe(recipe, src, Path(out), overwrite=overwrite, force=force)
+    if gates and recipe.gates is not None:
+        report = check_gates(recipe.gates, path, src)
+        if not report.passed:
+            raise GateFailure(report, path)
+    return path
