@@ -40,6 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from compress.checkpoint.writer import fsync_dir
 from compress.errors import CompressError
 from compress.units import human_bytes
 
@@ -320,7 +321,7 @@ class WorkStore:
             _write_json(tmp_index, index)
             os.replace(tmp_group, entry / f"{name}.safetensors")
             os.replace(tmp_index, entry / "index.json")
-            _fsync_dir(entry)
+            fsync_dir(entry)
         except BaseException:
             tmp_group.unlink(missing_ok=True)
             tmp_index.unlink(missing_ok=True)
@@ -470,14 +471,6 @@ def _tree_bytes(path: Path) -> int:
             if f.is_file():
                 total += f.stat().st_size
     return total
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

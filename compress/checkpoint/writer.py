@@ -184,7 +184,7 @@ class CheckpointWriter:
             total = sum(s.nbytes for s in self._shards)
             self.write_json("model.safetensors.index.json",
                             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-        _fsync_dir(self.partial)
+        fsync_dir(self.partial)
         if self.out.exists():
             if not self.overwrite:
                 raise CompressError(f"output {self.out} appeared while running", "pass --overwrite")
@@ -196,7 +196,7 @@ class CheckpointWriter:
             shutil.rmtree(trash)
         else:
             self.partial.rename(self.out)
-        _fsync_dir(self.out.parent)
+        fsync_dir(self.out.parent)
         self._committed = True
         return self.out
 
@@ -208,7 +208,8 @@ class CheckpointWriter:
             shutil.rmtree(self.partial, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new file inside ``path`` durable (fsync of the directory itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
