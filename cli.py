@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import inspect
 import json
-import os
 import sys
 import time
 from enum import Enum
@@ -20,24 +19,21 @@ from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
-from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
 from compress import cliopts
+from compress.cliui import (
+    Steps, check_json_writable, console, eval_json_target, out_console, output_notes, print_eval,
+    usage_error_classes, write_json, wrote_line)
 from compress.errors import CompressError
 from compress.pipeline.pass_api import PassConfig
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec
-from compress.units import human_bytes, human_seconds
 
 app = typer.Typer(
     add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Make transformer checkpoints smaller and faster: quantize, slice, factor; evaluate, "
          "validate and serve the result. `compress COMMAND -h` shows a command's options and examples.")
-console = Console(stderr=True)
-out_console = Console()
 
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", help="Hugging Face checkpoint directory or named asset (smollm2-135m, minilm-l6)")]
@@ -61,62 +57,6 @@ def _examples(*lines: str) -> str:
 
 
 # -- progress ------------------------------------------------------------------------------
-def _progress_seconds() -> float:
-    """Seconds between plain progress lines: ``$COMPRESS_PROGRESS_SECONDS`` (default 10)."""
-    try:
-        return max(0.0, float(os.environ.get("COMPRESS_PROGRESS_SECONDS", "10")))
-    except ValueError:
-        raise CompressError(f"COMPRESS_PROGRESS_SECONDS={os.environ['COMPRESS_PROGRESS_SECONDS']!r} is not a number",
-                            "set it to seconds between progress lines, e.g. 10") from None
-
-
-PROGRESS_PREFIX = "progress: "
-"""Starts every plain (piped) progress line, so logs and scripts can tell them from results."""
-
-
-class _Steps:
-    """Progress of long steps: a rich bar with the ETA on a terminal, plain lines when piped
-    (at most one per ``every`` seconds, none in a job's first ``every`` seconds, so short runs
-    and early refusals print only their result)."""
-
-    def __init__(self, every: float | None = None) -> None:
-        self.tty = console.is_terminal
-        self.every = every if every is not None else _progress_seconds()
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            console=console, transient=True) if self.tty else None
-        self.tasks: dict[str, tuple[Any, float, int]] = {}  # stem -> (task id, start, last i)
-        self.mark = self.started = time.monotonic()  # latest update: when the next step began
-        self.last_line = self.mark
-
-    def __enter__(self) -> _Steps:
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)  # type: ignore[arg-type]
-
-    def __call__(self, i: int, n: int, desc: str) -> None:
-        stem = desc.split(" (", 1)[0]
-        now = time.monotonic()
-        task, start, last = self.tasks.get(stem, (None, self.mark, -1))
-        if task is None or i <= last:  # a new step (or the same pass again in a later stage)
-            task = self.bar.add_task(stem, total=n) if self.bar is not None else stem
-            start = self.mark  # the step began when the previous update (or the run) did
-        self.tasks[stem] = (task, start, i)
-        self.mark = now
-        if self.bar is not None:
-            self.bar.update(task, completed=i, total=n, description=desc)
-        elif now - self.last_line >= self.every or (i == n and self.last_line > self.started):
-            self.last_line = now
-            took = now - start
-            eta = "" if i >= n or i == 0 else f", ETA {human_seconds(took / i * (n - i))}"
-            console.print(f"{PROGRESS_PREFIX}{desc}: {i}/{n}, {human_seconds(took)}{eta}",
-                          highlight=False, soft_wrap=True)
-
-
 # -- running a recipe ----------------------------------------------------------------------
 def _execute(recipe: Recipe, model: str, output: Path, overwrite: bool, force: bool) -> Path:
     from compress.assets import resolve_model
@@ -125,51 +65,18 @@ def _execute(recipe: Recipe, model: str, output: Path, overwrite: bool, force: b
 
     src = resolve_model(model)
     t0 = time.perf_counter()
-    with _Steps() as steps:
+    with Steps() as steps:
         out = run_recipe(recipe, src, output, overwrite=overwrite, force=force, progress=steps)
     report = out / "reports" / "report.json"
     if report.is_file():
         print_table(read_json(report), console, title=f"{out.name}: per-layer report",
                     csv_hint=f"{out.name}/reports/report.csv")
     manifest = json.loads((out / "compression.json").read_text())
-    console.print(_wrote_line(out, src, time.perf_counter() - t0), highlight=False, soft_wrap=True)
-    for line in _output_notes(manifest):
+    console.print(wrote_line(out, src, time.perf_counter() - t0), highlight=False, soft_wrap=True)
+    for line in output_notes(manifest):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"next: compress eval {out} --against {model}", highlight=False, soft_wrap=True)
     return out
-
-
-def _wrote_line(out: Path, src: Path, seconds: float) -> str:
-    """``wrote OUT`` and, indented below (so it fits 80 columns whatever the path), ``91.3 MiB
-    (0.18× of 513.1 MiB), 4.25 bits/param in compressed linears, 3m12s``."""
-    from compress.checkpoint import CheckpointReader
-    from compress.eval import compressed_size
-
-    reader, dense = CheckpointReader(out), CheckpointReader(src)
-    size, ref = reader.total_bytes(), dense.total_bytes()
-    bits, _ = compressed_size(reader, reader.manifest() or {})
-    parts = [f"{human_bytes(size)} ({size / ref:.2f}× of {human_bytes(ref)})" if ref else human_bytes(size)]
-    if bits is not None:
-        parts.append(f"{bits:.2f} bits/param in compressed linears")
-    parts.append(human_seconds(seconds))
-    return f"[green]wrote[/green] {out}\n  " + ", ".join(parts)
-
-
-def _output_notes(manifest: dict) -> list[str]:
-    """What a user must know about an output: the group size chosen for them, and where it loads."""
-    lines = []
-    group = (manifest.get("notes") or {}).get("group_size")
-    if group and group.get("requested") == "auto":
-        gs = group.get("group_size")
-        lines.append(f"group size: auto → {gs if gs is not None else 'per channel'}")
-    export = manifest.get("export") or {}
-    kinds = {e.get("kind") for e in manifest.get("modules", {}).values()}
-    if "quant" in kinds:
-        if export.get("compressed_tensors"):
-            lines.append("loads in: compress.load, and transformers with compressed-tensors installed")
-        else:
-            lines.append(f"loads in: compress.load only: {export.get('reason')}")
-    return lines
 
 
 def _calibration(kw: dict[str, Any], command: str, *, base: CalibrationConfig | None = None) -> CalibrationConfig:
@@ -381,61 +288,15 @@ app.command("run", epilog=_examples(
 def _check_gates(gates, out: Path, model: str) -> None:  # noqa: ANN001
     from compress.gates import GateFailure, check_gates
 
-    with _Steps() as steps:
+    with Steps() as steps:
         report = check_gates(gates, out, model, progress=steps)
-    _print_eval(report.result)
+    print_eval(report.result)
     if not report.passed:
         err = GateFailure(report, out)
         console.print(f"[red]gate failed[/red] ({report.protocol}): {'; '.join(report.failures)}; "
                       f"the output was kept at {out} ({err.fix})", highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code)
     console.print(f"[green]gates passed[/green] ({report.protocol}, PPL ratio {report.ppl_ratio:.3f})")
-
-
-def _print_eval(res) -> None:  # noqa: ANN001
-    from rich.table import Table
-
-    if hasattr(res, "cosine_mean"):  # an encoder: sentence-embedding fidelity
-        from compress.eval_encoder import encoder_table
-
-        out_console.print(encoder_table(res))
-        return
-
-    t = Table(title=f"evaluation ({res.protocol}, {res.eval_windows} windows, token perplexity)")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-
-    def opt(v: float | None, fmt: str) -> str:
-        return "—" if v is None else format(v, fmt)
-
-    rows = [("PPL", f"{res.ppl:.3f}"), ("dense PPL", opt(res.dense_ppl, ".3f")),
-            ("size on disk", f"{human_bytes(res.bytes_on_disk)} ({res.bytes_on_disk:,} B)"),
-            ("dense size on disk", "—" if res.dense_bytes_on_disk is None
-             else f"{human_bytes(res.dense_bytes_on_disk)} ({res.dense_bytes_on_disk:,} B)"),
-            ("bits/param (compressed linears)", opt(res.effective_bits, ".3f")),
-            ("mean KL(dense‖compressed)", opt(res.kl_mean, ".4f")),
-            ("top-1 agreement", opt(res.top1_agreement, ".4f")),
-            ("eval windows", str(res.eval_windows)), ("eval tokens", str(res.eval_tokens))]
-    for r in rows:
-        t.add_row(*r)
-    out_console.print(t)
-
-
-def _eval_json_target(json_path: Path | None, mdir: Path, name: str) -> Path | None:
-    """Where ``eval`` writes its JSON: ``--json`` (checked writable now, before the evaluation),
-    else ``eval-<protocol>.json`` in a compress output that is writable, else nowhere."""
-    from compress.checkpoint import ensure_writable
-
-    if json_path is not None:
-        ensure_writable(json_path.parent, f"--json {json_path}")
-        return json_path
-    if not (mdir / "compression.json").is_file():
-        return None
-    try:
-        ensure_writable(mdir, "the results")
-    except CompressError:
-        return None
-    return mdir / f"eval-{name}.json"
 
 
 @app.command("eval", epilog=_examples(
@@ -466,16 +327,16 @@ def eval_cmd(
 
     get_protocol(protocol)
     mdir = resolve_model(model)
-    target = _eval_json_target(json_path, mdir, corpus_protocol_name(protocol, data))
-    with _Steps() as steps:
+    target = eval_json_target(json_path, mdir, corpus_protocol_name(protocol, data))
+    with Steps() as steps:
         res = evaluate(model, against, protocol=protocol, data=data, progress=steps,
                        device=resolve_device(device))
-    _print_eval(res)
+    print_eval(res)
     if target is None:
         console.print(f"results not saved ({mdir} is not a writable compress output): pass --json FILE",
                       highlight=False, soft_wrap=True)
         return
-    _write_json(target, res.to_json())
+    write_json(target, res.to_json())
 
 
 @app.command("list", epilog=_examples("compress list", "compress list --protocols", "compress gptq -h"))
@@ -561,25 +422,11 @@ def demo(
     config = get_pass("gptq").config_cls(bits=4, group_size=64)
     calib = _calibration({"protocol": protocol}, "demo")
     _execute(_recipe("demo-gptq-w4g64", [("gptq", config)], calib, 0), str(src), out, overwrite=True, force=False)
-    with _Steps() as steps:
-        _print_eval(evaluate(out, src, protocol=protocol, progress=steps))
-
-
-def _write_json(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    with Steps() as steps:
+        print_eval(evaluate(out, src, protocol=protocol, progress=steps))
 
 
 # -- serving: validate, bench, generate ----------------------------------------------------
-def _json_writable(json_path: Path | None) -> None:
-    """Refuse an unwritable ``--json`` now, not after minutes of work."""
-    if json_path is not None:
-        from compress.checkpoint import ensure_writable
-
-        ensure_writable(json_path.parent, f"--json {json_path}")
-
-
 @app.command("validate", epilog=_examples(
     "compress validate out/w4", "compress validate out/w4 --verbose --json v.json",
     "compress validate out/w4 --dtype fp32 --m 1 --m 300 --tolerance bf16=2e-2"))
@@ -604,13 +451,13 @@ def validate_cmd(
     from compress.bench import resolve_device
     from compress.validate import module_table, parse_tolerance, summary_table, validate
 
-    _json_writable(json_path)
+    check_json_writable(json_path)
     report = validate(model, ms=m, dtypes=dtype, tolerance=parse_tolerance(tolerance), seed=seed,
                       device=resolve_device(device))
     out_console.print(module_table(report, verbose=verbose))
     out_console.print(summary_table(report))
     if json_path is not None:
-        _write_json(json_path, report.to_json())
+        write_json(json_path, report.to_json())
     if not report.ok:
         bad = len({c.module for c in report.failures}) + len(report.unvalidated)
         console.print(f"[red]validation failed[/red]: {bad} module(s) past tolerance or without a reference")
@@ -643,14 +490,14 @@ def bench(
     from compress.bench import run_bench
     from compress.bench_report import layer_table, phase_table
 
-    _json_writable(json_path)
-    with _Steps() as steps:
+    check_json_writable(json_path)
+    with Steps() as steps:
         report = run_bench(model, against, seqs=seq, decode_tokens=decode_tokens, prompt=prompt,
                            repeats=repeats, device=device, seed=seed, isolate=isolate, progress=steps)
     out_console.print(layer_table(report))
     out_console.print(phase_table(report))
     if json_path is not None:
-        _write_json(json_path, report.to_json())
+        write_json(json_path, report.to_json())
 
 
 @app.command(epilog=_examples(
@@ -682,33 +529,13 @@ def generate(
                   f"prompt {res.prompt_tokens} tokens, served by {res.served_by}", highlight=False, soft_wrap=True)
 
 
-def _usage_error_classes() -> tuple[type[BaseException], ...]:
-    """The ``ClickException`` classes the installed typer can raise: typer ≥ 0.29 vendors click
-    as ``typer._click``; older typer raises the separate ``click`` package's exceptions."""
-    import importlib
-
-    classes: list[type[BaseException]] = []
-    for mod in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            cls = getattr(importlib.import_module(mod), "ClickException", None)
-        except ImportError:
-            continue
-        if isinstance(cls, type) and cls not in classes:
-            classes.append(cls)
-    # whatever typer re-exports as BadParameter, walked up to its ClickException base
-    for cls in getattr(typer.BadParameter, "__mro__", ()):
-        if cls.__name__ == "ClickException" and cls not in classes:
-            classes.append(cls)
-    return tuple(classes)
-
-
 _FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def main() -> None:
     """Console entry point: one line and exit code 2 for user errors, no tracebacks."""
     _register_pass_commands()
-    usage_errors = _usage_error_classes()
+    usage_errors = usage_error_classes()
     try:
         rv = app(standalone_mode=False)  # Typer returns exit codes (Ctrl-C → 130) in this mode
         if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
