@@ -42,6 +42,10 @@ OutOpt = Annotated[Path, typer.Option("--output", "-o", metavar="DIR",
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing compress output")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace the output directory even if it is not a "
                                                         "compress output (deletes its contents)")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue a killed run of the same command from its "
+                                                          "last finished block (OUT.partial)")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write the work store of scan "
+                                                             "statistics ($COMPRESS_CACHE/work)")]
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="random seed [default: 0]", show_default=False)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help="also write the results as JSON here")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="where to run [default: auto]",
@@ -58,7 +62,8 @@ def _examples(*lines: str) -> str:
 
 # -- progress ------------------------------------------------------------------------------
 # -- running a recipe ----------------------------------------------------------------------
-def _execute(recipe: Recipe, model: str, output: Path, overwrite: bool, force: bool) -> Path:
+def _execute(recipe: Recipe, model: str, output: Path, overwrite: bool, force: bool, *,
+             cache: bool = True, resume: bool = False) -> Path:
     from compress.assets import resolve_model
     from compress.report import print_table, read_json
     from compress.runner import run_recipe
@@ -66,7 +71,8 @@ def _execute(recipe: Recipe, model: str, output: Path, overwrite: bool, force: b
     src = resolve_model(model)
     t0 = time.perf_counter()
     with Steps() as steps:
-        out = run_recipe(recipe, src, output, overwrite=overwrite, force=force, progress=steps)
+        out = run_recipe(recipe, src, output, overwrite=overwrite, force=force, progress=steps,
+                         cache=cache, resume=resume)
     report = out / "reports" / "report.json"
     if report.is_file():
         print_table(read_json(report), console, title=f"{out.name}: per-layer report",
@@ -121,7 +127,11 @@ def _p(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> in
 
 def _head_params() -> list[inspect.Parameter]:
     return [_p("model", ModelArg), _p("output", OutOpt), _p("overwrite", OverwriteOpt, False),
-            _p("force", ForceOpt, False)]
+            _p("force", ForceOpt, False), _p("resume", ResumeOpt, False), _p("no_cache", NoCacheOpt, False)]
+
+
+def _run_flags(kw: dict[str, Any]) -> dict[str, bool]:
+    return {"cache": not kw["no_cache"], "resume": kw["resume"]}
 
 
 # -- generated per-pass commands ------------------------------------------------------------
@@ -138,7 +148,7 @@ def make_pass_command(spec: PassSpec) -> Any:
             _refuse_calibration(kw, f"{spec.name} with these options")
         calib = _calibration(kw, command_name) if may_calibrate else CalibrationConfig()
         recipe = _recipe(f"cli-{spec.name}", [(spec.name, config)], calib, kw["seed"])
-        _execute(recipe, kw["model"], kw["output"], kw["overwrite"], kw["force"])
+        _execute(recipe, kw["model"], kw["output"], kw["overwrite"], kw["force"], **_run_flags(kw))
 
     command.__signature__ = _params(  # type: ignore[attr-defined]
         _head_params(), cliopts.parameters(flags), cliopts.parameters(CALIB_FLAGS) if may_calibrate else [],
@@ -190,7 +200,7 @@ def make_quantize_command() -> Any:
             _refuse_calibration(kw, f"--method {spec.name}")
         calib = _calibration(kw, "quantize") if spec.calibrates(config) else CalibrationConfig()
         _execute(_recipe(f"cli-{spec.name}", [(spec.name, config)], calib, kw["seed"]),
-                 kw["model"], kw["output"], kw["overwrite"], kw["force"])
+                 kw["model"], kw["output"], kw["overwrite"], kw["force"], **_run_flags(kw))
 
     method_opt = Annotated[methods, typer.Option("--method", case_sensitive=False, metavar="|".join(family),
                                                  help="quantiser [default: gptq]", show_default=False)]
@@ -265,7 +275,7 @@ def _run_command(**kw: Any) -> None:
         _refuse_calibration(kw, f"recipe {kw['recipe']}")
     if kw["seed"] is not None:
         rec = rec.model_copy(update={"seed": kw["seed"]})
-    out = _execute(rec, kw["model"], kw["output"], kw["overwrite"], kw["force"])
+    out = _execute(rec, kw["model"], kw["output"], kw["overwrite"], kw["force"], **_run_flags(kw))
     if kw["gates"] and rec.gates is not None:
         _check_gates(rec.gates, out, kw["model"])
 

@@ -49,12 +49,15 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", flashsvd: bool
 
 
 def run(recipe: str | Path | dict[str, Any] | Recipe, model: str | Path, out: str | Path, *,
-        overwrite: bool = False, force: bool = False, gates: bool = True) -> Path:
+        overwrite: bool = False, force: bool = False, gates: bool = True, cache: bool = True,
+        resume: bool = False) -> Path:
     """Apply a recipe (path to YAML, dict or :class:`Recipe`) to ``model``; returns ``out``.
 
     ``overwrite`` replaces an existing compress output; ``force`` replaces any directory. When
     the recipe has quality gates (and ``gates``), the output is evaluated against ``model`` and
-    :class:`compress.gates.GateFailure` is raised if it misses one (the output is kept)."""
+    :class:`compress.gates.GateFailure` is raised if it misses one (the output is kept).
+    ``cache=False`` neither reads nor writes the work store of scan statistics; ``resume``
+    continues a killed run of the same recipe, model and output from its last finished block."""
     from compress.gates import GateFailure, check_gates
     from compress.runner import run_recipe
 
@@ -63,7 +66,7 @@ def run(recipe: str | Path | dict[str, Any] | Recipe, model: str | Path, out: st
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     src = resolve_model(str(model))
-    path = run_recipe(recipe, src, Path(out), overwrite=overwrite, force=force)
+    path = run_recipe(recipe, src, Path(out), overwrite=overwrite, force=force, cache=cache, resume=resume)
     if gates and recipe.gates is not None:
         report = check_gates(recipe.gates, path, src)
         if not report.passed:

@@ -1,17 +1,14 @@
 """Run recipes: each stage streams the model block by block from its input checkpoint to an
-output checkpoint (intermediate stages go to a temporary directory beside the output).
-
-Memory stays at one block + the calibration activations + the embeddings, whatever the depth:
-block i is loaded from the input shards, compressed by the pass, run forward to produce block
-i+1's inputs, written to the output shard and freed.
+output checkpoint (intermediate stages go to ``.OUT.stages/`` beside the output, kept for
+``--resume`` when a run is killed). The phases of a stage are in :mod:`compress.pipeline.stream`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,22 +17,23 @@ from torch import nn
 from compress._memory import bound_allocator, trim
 from compress.arch import Adapter, get_adapter
 from compress.calib.corpus import load_corpus
-from compress.calib.pipeline import LayerContext, capture_block_inputs
 from compress.calib.protocol import (
     Protocol, calibration_windows, corpus_protocol_name, fingerprint, get_protocol, split_lines,
     tokenize_joined)
 from compress.checkpoint import CheckpointReader, CheckpointWriter, prepare_output
 from compress.errors import CompressError
-from compress.model import (
-    build_skeleton, get_module, materialize, reader_manifest, release, state_dict_of, tie_head)
+from compress.model import build_skeleton, get_module, reader_manifest
+from compress.pipeline import resume as resume_io
 from compress.pipeline.contexts import Calibration, RunContext
-from compress.pipeline.pass_api import Pass
+from compress.pipeline.pass_api import Needs, Pass
+from compress.pipeline.resume import Identity
+from compress.pipeline.stats import BlockStats, open_stats
+from compress.pipeline.stream import Progress, Stream
 from compress.provenance import export_quantization_config, provenance, side_files
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import get_pass
 from compress.report import write_all
-
-Progress = Callable[[int, int, str], None]
+from compress.store import checkpoint_hash
 
 
 def make_protocol(cal: CalibrationConfig) -> Protocol:
@@ -78,12 +76,15 @@ def load_calibration(src: Path, cal: CalibrationConfig, config: dict) -> Calibra
 
 
 def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = False, force: bool = False,
-               progress: Progress | None = None) -> Path:
+               progress: Progress | None = None, cache: bool = True, resume: bool = False) -> Path:
     """Apply every stage of ``recipe`` to ``model``; the last stage writes ``out`` atomically.
 
     Everything the user can get wrong is checked before any work: the input checkpoint, the
     output path (``force`` replaces a directory that is not a compress output) and, when a stage
-    calibrates, the corpus (a missing or non-text file is refused here, not after stage 1)."""
+    calibrates, the corpus (a missing or non-text file is refused here, not after stage 1).
+    ``cache=False`` neither reads nor writes the work store. ``resume`` continues a killed run
+    of the same command from its last committed block (``OUT.partial``); without it a partial
+    run is discarded."""
     bound_allocator()
     model = Path(model)
     CheckpointReader(model)  # validate the input before any work
@@ -91,27 +92,97 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
     if recipe.calibrates:
         load_corpus(recipe.calibration.data)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-", dir=out.parent)) \
-        if len(recipe.stages) > 1 else None
-    try:
-        src = model
-        for i, stage in enumerate(recipe.stages):
-            last = i == len(recipe.stages) - 1
-            dst = out if last else tmp / f"stage-{i}"  # type: ignore[operator]
-            run_stage(recipe, i, src, dst, overwrite=(overwrite or force) if last else False, progress=progress)
+    stages_dir = out.with_name(f".{out.name}.stages")
+    partial = out.with_name(out.name + ".partial")
+    if resume:
+        _check_resumable(out, recipe, model, stages_dir)
+    if not resume:
+        shutil.rmtree(stages_dir, ignore_errors=True)
+    src = model
+    for i in range(len(recipe.stages)):
+        last = i == len(recipe.stages) - 1
+        dst = out if last else stages_dir / f"stage-{i}"
+        if not last and resume and _stage_done(dst, recipe, i, src):
             src = dst
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        if not last:
+            stages_dir.mkdir(exist_ok=True)
+            shutil.rmtree(dst, ignore_errors=True)
+        run_stage(recipe, i, src, dst, overwrite=(overwrite or force) if last else False,
+                  progress=progress, cache=cache, resume=resume)
+        if not last:
+            _mark_stage_done(dst, recipe, i, src)
+        src = dst
+    shutil.rmtree(stages_dir, ignore_errors=True)
     return out
 
 
+def _check_resumable(out: Path, recipe: Recipe, model: Path, stages_dir: Path) -> None:
+    """Refuse ``--resume`` before any work when there is nothing to resume, or when what was
+    interrupted ran another recipe or input (the calibration is checked when its stage starts)."""
+    partial = out.with_name(out.name + ".partial")
+    if not (partial.is_dir() or stages_dir.is_dir()):
+        raise CompressError(f"--resume: there is no partial run of {out} to resume ({partial.name} not found)",
+                            "run the command without --resume")
+    marks = [partial / resume_io.STATE_FILE, *stages_dir.glob("*.done.json"),
+             *stages_dir.glob(f"*.partial/{resume_io.STATE_FILE}")]
+    for mark in marks:
+        try:
+            data = json.loads(mark.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        ident = data.get("identity", data)
+        what = None
+        if ident.get("recipe") != recipe_hash(recipe):
+            what = "the recipe differs"
+        elif ident.get("stage") == 0 and ident.get("input") != checkpoint_hash(model):
+            what = "the input checkpoint changed"
+        if what:
+            raise CompressError(f"--resume: {what} since the partial run of {out}",
+                                "run the same command as the interrupted run, or drop --resume to start over")
+
+
+def _stage_identity(recipe: Recipe, index: int, src: Path) -> dict:
+    return {"recipe": recipe_hash(recipe), "stage": index, "input": checkpoint_hash(src)}
+
+
+def _stage_done(dst: Path, recipe: Recipe, index: int, src: Path) -> bool:
+    """Whether an intermediate stage output of an interrupted run can be reused as it is."""
+    mark = dst.with_name(dst.name + ".done.json")
+    try:
+        return dst.is_dir() and json.loads(mark.read_text()) == _stage_identity(recipe, index, src)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _mark_stage_done(dst: Path, recipe: Recipe, index: int, src: Path) -> None:
+    mark = dst.with_name(dst.name + ".done.json")
+    mark.write_text(json.dumps(_stage_identity(recipe, index, src)))
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """sha256 of the recipe's canonical YAML: what a resume must match."""
+    return hashlib.sha256(recipe.to_yaml().encode()).hexdigest()
+
+
+def stage_identity(recipe: Recipe, index: int, src: Path, calib: Calibration | None,
+                   memo: bool = True) -> Identity:
+    """What a ``--resume`` of this stage must match (``memo``: remember the input's hash)."""
+    from compress.provenance import tool_version
+
+    return Identity(input=checkpoint_hash(src, memo=memo), recipe=recipe_hash(recipe), stage=index,
+                    calibration=None if calib is None else calib.fingerprint,
+                    version=f"{tool_version()} torch {torch.__version__}")
+
+
 def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bool = False,
-              progress: Progress | None = None) -> Path:
-    """One stage: stream ``src`` through the pass into ``out``."""
+              progress: Progress | None = None, cache: bool = True, resume: bool = False) -> Path:
+    """One stage: scan, plan and apply the pass over ``src`` into ``out`` (see
+    :mod:`compress.pipeline.stream`); ``resume`` continues from ``OUT.partial``'s last commit."""
     stage = recipe.stages[index]
     spec = get_pass(stage.pass_name)
     the_pass = spec.pass_cls(stage.config)
+    needs = the_pass.needs()
     torch.manual_seed(recipe.seed)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
@@ -121,12 +192,23 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
     calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
     trim()  # the corpus text and tokenizer buffers are garbage now
     t0 = time.perf_counter()
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
+    identity = stage_identity(recipe, index, src, calib, memo=cache)
+    partial = out.with_name(out.name + ".partial")
+    point = resume_io.load_point(partial, identity) if resume else None  # refuses another run's
+    with CheckpointWriter(out, overwrite=overwrite, keep_partial=point is not None) as writer:
         run = RunContext(reader, adapter, model, dict(reader.config), None,
                          dict(in_manifest.get("modules", {})), list(in_manifest.get("transforms", [])))
-        _embeddings(run, the_pass, writer, calib, recipe.calibration.batch_size)
-        _blocks(run, the_pass, writer, progress)
-        _tail(run, the_pass, writer)
+        stats = _open_stats(the_pass, needs, src, calib, len(get_module(model, adapter.layers)),
+                            cache, out.parent)
+        stream = Stream(run, the_pass, writer, needs, calib, recipe.calibration.batch_size, stats,
+                        identity, point, progress)
+        try:
+            stream.embeddings()
+            stream.blocks()
+            stream.tail()
+        finally:
+            if stats is not None:
+                stats.close()
         meta = provenance(reader, recipe, index, calib, in_manifest, time.perf_counter() - t0)
         config, export = export_quantization_config(run.config, run.modules, run.transforms, adapter)
         meta.update({"modules": run.modules, "transforms": run.transforms, "notes": run.notes,
@@ -137,8 +219,20 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
         side_files(reader.path, writer)
         if run.records:
             write_all(run.records, writer.directory / "reports", f"{the_pass.scheme()} on {src.name}")
+        resume_io.clear(writer.partial)
         writer.commit()
     return out
+
+
+def _open_stats(the_pass: Pass, needs: Needs, src: Path, calib: Calibration | None, n_blocks: int,
+                cache: bool, scratch_dir: Path) -> BlockStats | None:
+    if not needs.scan:
+        return None
+    statistic = the_pass.statistic()
+    if statistic is None:
+        raise TypeError(f"{type(the_pass).__name__} declares a scan but no statistic()")
+    return open_stats(statistic, src, None if calib is None else calib.fingerprint, n_blocks,
+                      cache=cache, keep_all=needs.plan or needs.activations, scratch_dir=scratch_dir)
 
 
 def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[str, int, int]]:
@@ -149,84 +243,3 @@ def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[str, int, in
             if isinstance(mod, nn.Linear):
                 out.append((name, mod.out_features, mod.in_features))
     return out
-
-
-def _embeddings(run: RunContext, the_pass: Pass, writer: CheckpointWriter,
-                calib: Calibration | None, batch_size: int) -> None:
-    """Load the embeddings, catch block 0's calibration inputs, let the pass begin, write them."""
-    for path in run.adapter.embeddings:
-        materialize(get_module(run.model, path), f"{path}.", run.reader)
-    if calib is not None:
-        run.state = capture_block_inputs(run.model, run.adapter, calib.windows, batch_size)
-        run.notes["calibration"] = {"protocol": calib.protocol.name, "windows": list(calib.windows.shape)}
-    the_pass.begin(run)
-    for path in run.adapter.embeddings:
-        writer.add_many(state_dict_of(get_module(run.model, path), f"{path}."))
-    run.tied_head = run.adapter.head is not None and bool(run.config.get("tie_word_embeddings")) \
-        and f"{run.adapter.head}.weight" not in run.reader
-    if not run.tied_head or not the_pass.needs_embeddings_at_finish:
-        for path in run.adapter.embeddings:
-            release(get_module(run.model, path))
-
-
-def _blocks(run: RunContext, the_pass: Pass, writer: CheckpointWriter, progress: Progress | None) -> None:
-    layers = get_module(run.model, run.adapter.layers)
-    n = len(layers)
-    for i in range(n):
-        prefix = run.adapter.layer_prefix(i)
-        layer = layers[i]
-        materialize(layer, prefix, run.reader)
-        ctx = LayerContext(i, prefix, layer, run.adapter, run.state)
-        run.records.extend(the_pass.process_layer(ctx, run))
-        if i < n - 1 or the_pass.uses_final_hidden:
-            ctx.propagate()
-        _record_modules(run, layer, prefix)
-        writer.add_many(state_dict_of(layer, prefix))
-        release(layer)
-        trim()
-        if progress is not None:
-            progress(i + 1, n, f"{the_pass.name} (layer {i + 1}/{n})")
-
-
-def _record_modules(run: RunContext, root: nn.Module, prefix: str) -> None:
-    """Copy every compressed module's manifest entry (``manifest_entry()``) into the run."""
-    for name, mod in root.named_modules():
-        if hasattr(mod, "manifest_entry"):
-            run.modules[prefix + name] = mod.manifest_entry()
-
-
-def tail_paths(model: nn.Module, adapter: Adapter) -> list[str]:
-    """Shallowest modules with tensors outside the embeddings and the blocks (norm, head, pooler)."""
-    skip = (adapter.layers, *adapter.embeddings)
-    chosen: list[str] = []
-    for name, mod in model.named_modules():
-        if not name or any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if any(name.startswith(c + ".") for c in chosen):
-            continue
-        if mod._parameters or any(k not in mod._non_persistent_buffers_set for k in mod._buffers):
-            chosen.append(name)
-    return chosen
-
-
-def _tail(run: RunContext, the_pass: Pass, writer: CheckpointWriter) -> None:
-    paths = tail_paths(run.model, run.adapter)
-    if run.tied_head:
-        tie_head(run.model, run.adapter, run.reader)
-        paths = [p for p in paths if p != run.adapter.head]
-    for p in paths:
-        materialize(get_module(run.model, p), f"{p}.", run.reader)
-    the_pass.finish(run)
-    _record_modules(run, run.model, "")
-    for p in paths:
-        writer.add_many(state_dict_of(get_module(run.model, p), f"{p}."))
-    for key in run.reader.keys():  # tensors the model does not own (e.g. legacy buffers)
-        if key not in writer.names() and not _owned(run, key, paths):
-            writer.add(key, run.reader.get(key))
-
-
-def _owned(run: RunContext, key: str, tail: list[str]) -> bool:
-    prefixes = (run.adapter.layers + ".", *(e + "." for e in (*run.adapter.embeddings, *tail)))
-    if run.tied_head and key.startswith(f"{run.adapter.head}."):
-        return True
-    return key.startswith(prefixes)

@@ -185,13 +185,21 @@ class WorkStore:
         return tensors
 
     def has(self, key: str, name: str) -> bool:
-        """Whether the index lists group ``name`` with a file of the listed size (not hashed)."""
+        """Whether the index lists group ``name`` with a file of the listed size (not hashed; a
+        listed group whose file is missing or of another size is reported corrupt, as ``get``
+        would, so the caller recomputes it)."""
         entry = self._entry(key, name)
         group = self._index_or_empty(entry)["groups"].get(name) if entry else None
-        try:
-            return group is not None and (entry / group["file"]).stat().st_size == group["bytes"]
-        except OSError:
+        if group is None:
             return False
+        try:
+            size = (entry / group["file"]).stat().st_size  # type: ignore[operator]
+        except OSError:
+            size = None
+        if size == group["bytes"]:
+            return True
+        self._corrupt(key, name, "file missing" if size is None else f"{size} bytes, expected {group['bytes']}")
+        return False
 
     def names(self, key: str) -> list[str]:
         """Group names the index of ``key`` lists (sorted; [] when missing or unreadable)."""

@@ -136,6 +136,8 @@ class LayerContext:
     hessian_dtype: torch.dtype = torch.float64
     info: dict = field(default_factory=dict)
     propagated: bool = False
+    #: this block's scan statistics (a pass that declares a scan reads them here)
+    stats: dict[str, Tensor] | None = None
 
     def module(self, rel: str) -> nn.Module:
         return get_module(self.layer, rel)
@@ -197,6 +199,7 @@ class LayerContext:
             return
         with torch.no_grad(), calibration_mode(self.layer):
             self._store_outputs()
+        self.propagated = True
 
     def _store_outputs(self) -> None:
         """Run every batch through the block and write its outputs over the inputs."""

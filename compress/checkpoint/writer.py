@@ -75,12 +75,17 @@ def ensure_writable(directory: Path, what: str) -> None:
 class _Shard:
     """One shard being written: a raw data file plus the header entries for it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, entries: dict[str, dict] | None = None, nbytes: int = 0) -> None:
         self.path = path
         self.data_path = path.with_suffix(".data")
-        self.fh = self.data_path.open("wb")
-        self.entries: dict[str, dict] = {}
-        self.nbytes = 0
+        if entries is None:
+            self.fh = self.data_path.open("wb")
+        else:  # reopened for --resume: drop whatever was appended after the snapshot
+            self.fh = self.data_path.open("r+b")
+            self.fh.truncate(nbytes)
+            self.fh.seek(nbytes)
+        self.entries: dict[str, dict] = dict(entries or {})
+        self.nbytes = nbytes
 
     def add(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
@@ -117,7 +122,7 @@ class CheckpointWriter:
 
     def __init__(self, out: str | Path, overwrite: bool = False,
                  shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, keep_partial: bool = False) -> None:
         self.out = Path(out)
         self.overwrite = overwrite
         self.shard_bytes = shard_bytes
@@ -126,11 +131,13 @@ class CheckpointWriter:
         self._shards: list[_Shard] = []
         self._names: set[str] = set()
         self._committed = False
+        #: an existing ``OUT.partial`` is kept (for :meth:`restore`) instead of deleted
+        self.keep_partial = keep_partial
 
     def __enter__(self) -> CheckpointWriter:
-        if self.partial.exists():
+        if self.partial.exists() and not self.keep_partial:
             shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
+        self.partial.mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -154,6 +161,29 @@ class CheckpointWriter:
 
     def names(self) -> set[str]:
         return set(self._names)
+
+    # -- resume ---------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Flush every shard and describe the written state (JSON) for :meth:`restore`: the
+        shards' data lengths and header entries. Data are flushed to the OS, not fsynced: a
+        killed process loses nothing; a power cut is caught by the size check of ``restore``."""
+        for s in self._shards:
+            s.fh.flush()
+        return {"shards": [{"file": s.path.name, "bytes": s.nbytes, "entries": s.entries}
+                           for s in self._shards]}
+
+    def restore(self, snap: dict) -> None:
+        """Continue from :meth:`snapshot`'s state in the kept ``OUT.partial``; raises
+        CompressError when a shard's data is shorter than the snapshot says."""
+        for s in snap["shards"]:
+            path = self.partial / s["file"]
+            data = path.with_suffix(".data")
+            if not data.is_file() or data.stat().st_size < s["bytes"]:
+                raise CompressError(f"the partial run in {self.partial} is damaged ({data.name} is short)",
+                                    "run again without --resume")
+            shard = _Shard(path, s["entries"], s["bytes"])
+            self._shards.append(shard)
+            self._names.update(shard.entries)
 
     # -- side files ---------------------------------------------------------------------
     def write_json(self, name: str, obj: object) -> None:

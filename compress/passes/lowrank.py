@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from compress.algos import svd
 from compress.errors import CompressError
 from compress.modules.lowrank import LowRankLinear
-from compress.pipeline.pass_api import Pass, PassConfig, read_data_file
+from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic, read_data_file
+from compress.pipeline.stats import group_first, input_gram_statistic, input_grams
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
@@ -135,13 +136,29 @@ class LowRankPass(Pass):
             return min(in_f, hd)
         return min(in_f, out_f)
 
+    def _dense_grams(self) -> bool:
+        return self.config.whiten and self.config.propagate == "dense"
+
+    def needs(self) -> Needs:
+        """Whitened under ``propagate: dense``: the Grams are dense-model statistics, scanned and
+        kept in the work store (shared with GPTQ's ``propagate: dense`` Hessians)."""
+        return Needs(scan=True, activations=False) if self._dense_grams() else Needs()
+
+    def statistic(self) -> Statistic | None:
+        return input_gram_statistic("float64") if self._dense_grams() else None
+
+    def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
+        return input_grams(ctx, "float64")
+
     def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
         names = [n for n in ctx.adapter.linears if self.config.selects(n)
                  and isinstance(ctx.module(n), nn.Linear) and self._wanted(ctx.prefix + n)]
         grams: dict[str, Tensor] = {}
-        if self.config.whiten and names:
+        if ctx.stats is not None:
+            grams = {n: ctx.stats[group_first(ctx.adapter, n)] for n in names}
+        elif self.config.whiten and names:
             firsts = [g[0] for g in ctx.adapter.groups if any(n in names for n in g)]
-            G = ctx.collect(firsts, propagate=self.config.propagate == "dense")
+            G = ctx.collect(firsts)
             grams = {n: G[g[0]] for g in ctx.adapter.groups for n in g if g[0] in G}
         whites: dict[int, svd.Whitening] = {}
         records = []

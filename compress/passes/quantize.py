@@ -16,7 +16,8 @@ from compress.algos.quant import QuantizedWeight, QuantSpec, rtn_quantize, split
 from compress.calib.pipeline import LayerContext
 from compress.calib.staged import run_staged, supports_staged
 from compress.modules.quant_linear import QuantLinear
-from compress.pipeline.pass_api import Pass, PassConfig
+from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
+from compress.pipeline.stats import group_first, input_gram_statistic, input_grams
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
@@ -237,6 +238,17 @@ class GPTQPass(_QuantPass):
         return [w for w, on in (("act-order", self.config.act_order),
                                 ("static-groups", self.config.static_groups)) if on]
 
+    def needs(self) -> Needs:
+        """Under ``propagate: dense`` the Hessians are statistics of the dense model: scanned
+        (and kept in the work store), and the apply phase reads nothing else."""
+        return Needs(scan=True, activations=False) if self.config.propagate == "dense" else Needs()
+
+    def statistic(self) -> Statistic | None:
+        return input_gram_statistic(self.config.hessian_dtype) if self.config.propagate == "dense" else None
+
+    def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
+        return input_grams(ctx, self.config.hessian_dtype)
+
     def process_layer(self, ctx: LayerContext, run: object) -> list[LayerRecord]:
         ctx.hessian_dtype = getattr(torch, self.config.hessian_dtype)
         records: list[LayerRecord] = []
@@ -247,8 +259,11 @@ class GPTQPass(_QuantPass):
             run_staged(ctx, per_group, lambda names, H: records.extend(self._group(ctx, names, H)))
             return records
         groups = _selected_groups(ctx, self.config)
-        if self.config.sequential == "layer" or self.config.propagate == "dense":
-            H = ctx.collect([g[0] for g in groups], propagate=self.config.propagate == "dense")
+        if ctx.stats is not None:  # propagate: dense, Hessians from the scan
+            for g in groups:
+                records += self._group(ctx, g, ctx.stats[group_first(ctx.adapter, g[0])])
+        elif self.config.sequential == "layer":
+            H = ctx.collect([g[0] for g in groups])
             for g in groups:
                 records += self._group(ctx, g, H[g[0]])
         else:

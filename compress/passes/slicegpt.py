@@ -356,6 +356,23 @@ class SliceGPTPass(Pass):
             extra={"in_width": src.width, "out_width": dst.width, "explained_variance": dst.kept,
                    "shortcut_params": _numel(shortcut)})
 
+    # -- resume --------------------------------------------------------------------------------
+    def carry_state(self) -> dict[str, object]:
+        """The residual point after the last block (its basis, width and energies) and the
+        per-block layout recorded so far."""
+        cur = self._current
+        state: dict[str, object] = {"width": cur.width, "kept": cur.kept, "dropped": cur.dropped,
+                                    "layers": list(self._spec["layers"])}
+        if cur.basis is not None:
+            state["basis"] = cur.basis
+        return state
+
+    def restore_carry(self, state: dict[str, object]) -> None:
+        basis = state.get("basis")
+        self._current = _Point(basis if isinstance(basis, Tensor) else None, int(state["width"]),  # type: ignore[call-overload]
+                               float(state["kept"]), float(state["dropped"]))  # type: ignore[arg-type]
+        self._spec["layers"] = list(state["layers"])  # type: ignore[call-overload]
+
     # -- finish: final norm and head ---------------------------------------------------------
     def finish(self, run: RunContext) -> None:
         t0 = time.perf_counter()

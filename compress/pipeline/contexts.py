@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from compress.arch import Adapter
@@ -32,6 +33,8 @@ class RunContext:
     records: list[LayerRecord] = field(default_factory=list)
     notes: dict = field(default_factory=dict)
     tied_head: bool = False
+    #: the pass's global plan, when it declares a plan step
+    plan: BaseModel | None = None
 
 
 @dataclass

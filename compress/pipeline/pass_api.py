@@ -1,23 +1,71 @@
-"""What every pass has: a typed config and three hooks the layer-streaming runner calls.
+"""What every pass has: a typed config, declared needs, and the hooks the runner calls.
 
-``begin`` runs once after the embeddings are loaded (and the calibration activations of
-block 0 captured); ``process_layer`` once per block; ``finish`` once after the last block with
-the final norm and head loaded. A pass changes modules in place; the runner writes them.
+A stage runs in up to three phases, scheduled from :meth:`Pass.needs`:
+
+* **scan** (``needs.scan``): streamed and read-only, one *dense* block at a time with its
+  calibration inputs; :meth:`Pass.scan_layer` returns the block's statistics (Gram matrices,
+  spectra, per-column losses), which go into the work store under a key of (input checkpoint,
+  calibration, :meth:`Pass.statistic`) and are reused by later runs. Activations propagate
+  through the dense block.
+* **plan** (``needs.plan``): once, after every block was scanned; :meth:`Pass.plan` sees all
+  statistics and returns a typed plan (ranks, bits, ...) saved as ``plan.json`` in the output.
+  Without a plan step the scan of block i runs just before block i is applied (one stream).
+* **apply**: ``begin`` once after the embeddings are loaded, :meth:`Pass.process_layer` once per
+  block (given its statistics in ``ctx.stats`` and the plan in ``run.plan``), ``finish`` once
+  after the last block with the final norm and head loaded. A pass changes modules in place;
+  the runner writes them. With ``needs.activations`` false the apply phase runs no calibration
+  forward at all: when every block's statistics are already stored, no activation is computed.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
 if TYPE_CHECKING:
     from compress.calib.pipeline import LayerContext
     from compress.pipeline.contexts import RunContext
+    from compress.pipeline.stats import BlockStats
     from compress.report import LayerRecord
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a pass needs from the runner (whether it calibrates is declared at registration).
+
+    Args:
+        scan: per-block statistics of the dense model (:meth:`Pass.statistic`, :meth:`Pass.scan_layer`).
+        plan: a global step over every block's statistics before any block is applied.
+        activations: the apply phase runs calibration data through the blocks (False: the
+            scan statistics are all it reads, so cached statistics make a run data-free).
+        gradients: the apply phase trains inside a block (autograd stays on); otherwise
+            ``process_layer`` runs under ``torch.no_grad``.
+    """
+
+    scan: bool = False
+    plan: bool = False
+    activations: bool = True
+    gradients: bool = False
+
+    def __post_init__(self) -> None:
+        if self.plan and not self.scan:
+            raise ValueError("a plan step needs a scan (the plan reads the scan's statistics)")
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """Names a per-block statistic for the work store: ``name`` and ``version`` (bump it when
+    the code computing the values changes) plus every option that changes the values."""
+
+    name: str
+    version: int
+    options: dict = field(default_factory=dict)
 
 
 class PassConfig(BaseModel):
@@ -57,6 +105,33 @@ class Pass(ABC):
         """Called once, before any work (by the runner and by ``plan``), with every block linear
         as (block-relative name, out_features, in_features): a pass fixes options that depend on
         the model's shapes here (e.g. ``group_size: auto``)."""
+
+    def needs(self) -> Needs:
+        """What the runner must schedule for this pass with its config (default: apply only)."""
+        return Needs()
+
+    def statistic(self) -> Statistic | None:
+        """The statistic :meth:`scan_layer` computes (required when ``needs().scan``)."""
+        return None
+
+    def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
+        """Statistics of one dense block (read-only: the block must not be changed). The runner
+        propagates the dense block's outputs afterwards unless this already did
+        (``ctx.collect(..., propagate=True)`` feeds the statistics and the next block at once)."""
+        raise NotImplementedError(f"{type(self).__name__} declares a scan but has no scan_layer")
+
+    def plan(self, stats: BlockStats, run: RunContext) -> BaseModel:
+        """The global plan from every block's statistics (``stats.block(i)``), when ``needs().plan``."""
+        raise NotImplementedError(f"{type(self).__name__} declares a plan step but has no plan()")
+
+    def carry_state(self) -> dict[str, object]:
+        """What this pass carries from one block to the next (e.g. SliceGPT's rotation), saved
+        after every block so that ``--resume`` restarts exactly: tensors (saved as safetensors)
+        and JSON values."""
+        return {}
+
+    def restore_carry(self, state: dict[str, object]) -> None:
+        """Restore :meth:`carry_state` (called on resume, after :meth:`begin`)."""
 
     def begin(self, run: RunContext) -> None:
         """Called once, before block 0 (embeddings materialised)."""

@@ -1,0 +1,279 @@
+"""The phases of one stage over the block stream: scan, plan, apply (see :mod:`pass_api`).
+
+Memory stays at one block + the calibration activations + the embeddings, whatever the depth.
+In the apply phase block i is loaded from the input shards, given its statistics, compressed by
+the pass, run forward to produce block i+1's inputs (unless the pass reads statistics only),
+written to the output shard, committed for ``--resume``, and freed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compress._memory import trim
+from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
+from compress.checkpoint import CheckpointWriter
+from compress.errors import CompressError
+from compress.model import (
+    build_skeleton, get_module, materialize, reader_manifest, release, state_dict_of, tie_head)
+from compress.pipeline import resume as resume_io
+from compress.pipeline.contexts import Calibration, RunContext
+from compress.pipeline.pass_api import Needs, Pass
+from compress.pipeline.stats import BlockStats
+from compress.report import LayerRecord
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Stream:
+    """One stage's apply stream and what it needs besides the run state."""
+
+    run: RunContext
+    the_pass: Pass
+    writer: CheckpointWriter
+    needs: Needs
+    calib: Calibration | None
+    batch_size: int
+    stats: BlockStats | None
+    identity: resume_io.Identity
+    point: dict | None = None  # the committed state a --resume continues from
+    progress: Progress | None = None
+    missing: set[int] = field(default_factory=set)
+
+    @property
+    def fused(self) -> bool:
+        """Block i's scan runs just before block i is applied (no plan, statistics-only apply)."""
+        return self.stats is not None and not self.needs.plan and not self.needs.activations
+
+    # -- embeddings, scan, plan, begin ---------------------------------------------------------
+    def embeddings(self) -> None:
+        """Load the embeddings, catch block 0's calibration inputs when something will read them,
+        scan + plan when the pass has a plan step, let the pass begin, write the embeddings."""
+        run = self.run
+        for path in run.adapter.embeddings:
+            materialize(get_module(run.model, path), f"{path}.", run.reader)
+        self.missing = set(self.stats.missing()) if self.stats is not None else set()
+        if self.calib is not None:
+            run.notes["calibration"] = {"protocol": self.calib.protocol.name,
+                                        "windows": list(self.calib.windows.shape)}
+            if self.needs.activations or self.missing or self.stats is None:
+                run.state = self._capture()
+        if self.stats is not None and not self.fused:
+            self._scan_all()
+            if self.needs.activations:
+                run.state = self._capture()  # the apply stream starts again from block 0
+        if self.needs.plan:
+            assert self.stats is not None
+            run.plan = self.the_pass.plan(self.stats, run)
+            self.writer.write_json("plan.json", run.plan.model_dump(mode="json"))
+        self.the_pass.begin(run)
+        if self.point is not None:
+            self._restore_point()
+        else:
+            for path in run.adapter.embeddings:
+                self.writer.add_many(state_dict_of(get_module(run.model, path), f"{path}."))
+        run.tied_head = run.adapter.head is not None and bool(run.config.get("tie_word_embeddings")) \
+            and f"{run.adapter.head}.weight" not in run.reader
+        if not run.tied_head or not self.the_pass.needs_embeddings_at_finish:
+            for path in run.adapter.embeddings:
+                release(get_module(run.model, path))
+
+    def _capture(self) -> CalibState:
+        assert self.calib is not None
+        return capture_block_inputs(self.run.model, self.run.adapter, self.calib.windows, self.batch_size)
+
+    def _scan_all(self) -> None:
+        """The read-only scan: every block up to the last missing one, dense, in order."""
+        if not self.missing:
+            return
+        run = self.run
+        scanner = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
+        dense = get_module(scanner, run.adapter.layers)
+        last = max(self.missing)
+        for i in range(last + 1):
+            prefix = run.adapter.layer_prefix(i)
+            materialize(dense[i], prefix, run.reader)
+            ctx = LayerContext(i, prefix, dense[i], run.adapter, run.state)
+            with torch.no_grad():
+                if i in self.missing:
+                    self.stats.put(i, self._checked(self.the_pass.scan_layer(ctx), ctx))  # type: ignore[union-attr]
+                if i < last:
+                    ctx.propagate()
+            release(dense[i])
+            trim()
+            if self.progress is not None:
+                self.progress(i + 1, last + 1, f"{self.the_pass.name} scan (layer {i + 1}/{last + 1})")
+        self.missing.clear()
+        run.state = None
+
+    @staticmethod
+    def _checked(stats: dict[str, torch.Tensor], ctx: LayerContext) -> dict[str, torch.Tensor]:
+        bad = [k for k, t in stats.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise CompressError(f"block {ctx.index}: the scan statistic {bad[0]} has NaN or Inf values",
+                                "check the input checkpoint (compress validate) and the calibration data")
+        return stats
+
+    # -- apply ---------------------------------------------------------------------------------
+    def blocks(self) -> None:
+        run = self.run
+        layers = get_module(run.model, run.adapter.layers)
+        n = len(layers)
+        start = int(self.point["blocks_done"]) if self.point is not None else 0
+        for i in range(start, n):
+            prefix = run.adapter.layer_prefix(i)
+            layer = layers[i]
+            materialize(layer, prefix, run.reader)
+            ctx = LayerContext(i, prefix, layer, run.adapter, run.state)
+            if self.stats is not None:
+                ctx.stats = self._block_stats(ctx, n)
+            grad = torch.enable_grad() if self.needs.gradients else torch.no_grad()
+            with grad:
+                run.records.extend(self.the_pass.process_layer(ctx, run))
+            if i < n - 1 or self.the_pass.uses_final_hidden:
+                ctx.propagate()
+            record_modules(run, layer, prefix)
+            self.writer.add_many(state_dict_of(layer, prefix))
+            release(layer)
+            trim()
+            self.commit(i + 1)
+            if self.progress is not None:
+                self.progress(i + 1, n, f"{self.the_pass.name} (layer {i + 1}/{n})")
+
+    def _block_stats(self, ctx: LayerContext, n: int) -> dict[str, torch.Tensor]:
+        """Block i's statistics: stored ones (verified), else scanned now on the dense block.
+        A stored block whose later blocks are missing still runs its dense forward, so the
+        scans after it see the dense model's activations."""
+        assert self.stats is not None
+        i = ctx.index
+        stats = None if i in self.missing else self.stats.block(i)
+        if stats is None:
+            if self.run.state is None:  # stored but found corrupt or evicted: rebuild the dense inputs
+                self.run.state = self._replay_dense(i)
+            ctx.state = self.run.state
+            stats = self._checked(self.the_pass.scan_layer(ctx), ctx)
+            self.stats.put(i, stats)
+            self.missing.discard(i)
+        if not any(j > i for j in self.missing):
+            self.run.state = ctx.state = None  # nothing later reads activations
+        ctx.propagate()  # dense outputs, before the pass changes the block (no-op if the scan did it)
+        return stats
+
+    def _replay_dense(self, upto: int) -> CalibState:
+        """Activations entering block ``upto`` of the dense input model, recomputed from block 0
+        (an evicted or corrupt statistic in the middle of a run)."""
+        run = self.run
+        model = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
+        for path in run.adapter.embeddings:
+            materialize(get_module(model, path), f"{path}.", run.reader)
+        assert self.calib is not None
+        state = capture_block_inputs(model, run.adapter, self.calib.windows, self.batch_size)
+        for path in run.adapter.embeddings:
+            release(get_module(model, path))
+        dense = get_module(model, run.adapter.layers)
+        for j in range(upto):
+            materialize(dense[j], run.adapter.layer_prefix(j), run.reader)
+            LayerContext(j, run.adapter.layer_prefix(j), dense[j], run.adapter, state).propagate()
+            release(dense[j])
+        return state
+
+    # -- resume --------------------------------------------------------------------------------
+    def commit(self, blocks_done: int) -> None:
+        """Commit the state after ``blocks_done`` blocks for ``--resume``."""
+        run = self.run
+        tensors: dict[str, dict[str, torch.Tensor]] = {"rng": {"cpu": torch.get_rng_state()}}
+        st = run.state
+        if st is not None:
+            width = st.width or st.hidden.shape[-1]
+            tensors["hidden"] = {"hidden": st.hidden[..., :width]}  # (windows, seq, width)
+        carry_t, carry_j = resume_io.split_carry(self.the_pass.carry_state())
+        if carry_t:
+            tensors["carry"] = carry_t
+        point = {"blocks_done": blocks_done, "writer": self.writer.snapshot(), "modules": run.modules,
+                 "transforms": run.transforms, "notes": run.notes, "carry": carry_j,
+                 "records": [r.model_dump() for r in run.records],
+                 "generation": (self.point or {}).get("generation", 0)}
+        resume_io.save_point(self.writer.partial, self.identity, point, tensors)
+        self.point = {"generation": point["generation"] + 1}
+
+    def _restore_point(self) -> None:
+        """After ``begin``: the writer, manifest, records, carried state, RNG and activations."""
+        point, run, partial = self.point, self.run, self.writer.partial
+        assert point is not None
+        self.writer.restore(point["writer"])
+        run.modules = dict(point["modules"])
+        run.transforms = list(point["transforms"])
+        run.notes = dict(point["notes"])
+        run.records = [LayerRecord(**r) for r in point["records"]]
+        self.the_pass.restore_carry({**point.get("carry", {}), **resume_io.load_tensors(partial, point, "carry")})
+        rng = resume_io.load_tensors(partial, point, "rng")
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        hidden = resume_io.load_tensors(partial, point, "hidden").get("hidden")
+        done = int(point["blocks_done"])
+        if hidden is not None and run.state is not None:
+            _load_hidden(run.state, hidden)
+        elif run.state is not None and done:
+            run.state = self._replay_dense(done)  # e.g. the statistics were evicted since
+
+    # -- tail ----------------------------------------------------------------------------------
+    def tail(self) -> None:
+        run, writer = self.run, self.writer
+        paths = tail_paths(run.model, run.adapter)
+        if run.tied_head:
+            tie_head(run.model, run.adapter, run.reader)
+            paths = [p for p in paths if p != run.adapter.head]
+        for p in paths:
+            materialize(get_module(run.model, p), f"{p}.", run.reader)
+        self.the_pass.finish(run)
+        record_modules(run, run.model, "")
+        for p in paths:
+            writer.add_many(state_dict_of(get_module(run.model, p), f"{p}."))
+        for key in run.reader.keys():  # tensors the model does not own (e.g. legacy buffers)
+            if key not in writer.names() and not _owned(run, key, paths):
+                writer.add(key, run.reader.get(key))
+
+
+def _load_hidden(state: CalibState, hidden: torch.Tensor) -> None:
+    """Put saved activations (windows, seq, width) into the state's buffer."""
+    if tuple(hidden.shape[:-1]) != tuple(state.hidden.shape[:-1]):
+        raise CompressError("the partial run's activations do not match the calibration windows",
+                            "run again without --resume")
+    w = hidden.shape[-1]
+    if w > state.hidden.shape[-1]:
+        state.hidden = state.hidden.new_zeros((*state.hidden.shape[:-1], w))
+    state.hidden[..., :w] = hidden.to(state.hidden.dtype)
+    state.set_width(w)
+
+
+def record_modules(run: RunContext, root: nn.Module, prefix: str) -> None:
+    """Copy every compressed module's manifest entry (``manifest_entry()``) into the run."""
+    for name, mod in root.named_modules():
+        if hasattr(mod, "manifest_entry"):
+            run.modules[prefix + name] = mod.manifest_entry()
+
+
+def tail_paths(model: nn.Module, adapter: object) -> list[str]:
+    """Shallowest modules with tensors outside the embeddings and the blocks (norm, head, pooler)."""
+    skip = (adapter.layers, *adapter.embeddings)  # type: ignore[attr-defined]
+    chosen: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if any(name.startswith(c + ".") for c in chosen):
+            continue
+        if mod._parameters or any(k not in mod._non_persistent_buffers_set for k in mod._buffers):
+            chosen.append(name)
+    return chosen
+
+
+def _owned(run: RunContext, key: str, tail: list[str]) -> bool:
+    prefixes = (run.adapter.layers + ".", *(e + "." for e in (*run.adapter.embeddings, *tail)))
+    if run.tied_head and key.startswith(f"{run.adapter.head}."):
+        return True
+    return key.startswith(prefixes)

@@ -1,0 +1,184 @@
+"""Scan → plan → apply: dense-model statistics go through the work store and are reused; a
+cached run computes no activation; a corrupt entry is recomputed; a plan step sees every block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from compress.checkpoint import CheckpointReader
+from compress.pipeline import stream
+from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
+from compress.recipe import parse_recipe
+from compress.registry import PASSES, register_pass
+from compress.runner import run_recipe
+from compress.store import WorkStore
+
+CAL = {"protocol": "brown-128-smoke", "batch_size": 3}
+
+
+def _recipe(pass_name: str, **cfg: object):
+    return parse_recipe({"calibration": CAL, "stages": [{"pass": pass_name, "config": cfg}]})
+
+
+def _tensors(d: Path) -> dict[str, Tensor]:
+    r = CheckpointReader(d)
+    return {k: r.get(k) for k in r.keys()}
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.fixture()
+def store_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "work"
+
+
+def _no_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("a cached statistics-only run computed calibration activations")
+    monkeypatch.setattr(stream, "capture_block_inputs", refuse)
+
+
+def test_dense_gptq_reuses_hessians_and_equals_no_cache(tiny_llama: Path, tmp_path: Path, store_root: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "w4")
+    keys = [p for p in store_root.glob("??/*") if p.is_dir()]
+    assert len(keys) == 1 and len(list(keys[0].glob("block-*.safetensors"))) == 3
+    run_recipe(_recipe("gptq", bits=3, propagate="dense"), tiny_llama, tmp_path / "w3-plain", cache=False)
+    with monkeypatch.context() as m:
+        _no_activations(m)
+        run_recipe(_recipe("gptq", bits=3, propagate="dense"), tiny_llama, tmp_path / "w3")
+    _assert_identical(tmp_path / "w3", tmp_path / "w3-plain")
+
+
+def test_whitened_lowrank_reads_the_grams_gptq_stored(tiny_llama: Path, tmp_path: Path, store_root: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "w4")
+    run_recipe(_recipe("lowrank", ratio=0.6, propagate="dense"), tiny_llama, tmp_path / "lr-plain", cache=False)
+    with monkeypatch.context() as m:
+        _no_activations(m)
+        run_recipe(_recipe("lowrank", ratio=0.6, propagate="dense"), tiny_llama, tmp_path / "lr")
+    _assert_identical(tmp_path / "lr", tmp_path / "lr-plain")
+
+
+def test_no_cache_writes_nothing(tiny_llama: Path, tmp_path: Path, store_root: Path) -> None:
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "w4", cache=False)
+    assert not list(store_root.glob("??/*"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_corrupt_statistic_is_recomputed_with_a_warning(damage: str, tiny_llama: Path, tmp_path: Path,
+                                                        store_root: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated middle block (seen before the run starts) or one with flipped bytes (seen by
+    its checksum when read, after block 0 was applied without activations: the run rebuilds the
+    dense activations up to it): recomputed with one warning line, the output what an uncached
+    run writes."""
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "a")
+    victim = next(store_root.glob("??/*/block-0001.safetensors"))
+    data = bytearray(victim.read_bytes())
+    if damage == "truncated":
+        data = data[:100]
+    else:
+        data[-64:] = bytes(64)
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "b")
+    err = capsys.readouterr().err
+    assert "block-0001" in err and "recomput" in err, err
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "c", cache=False)
+    _assert_identical(tmp_path / "b", tmp_path / "c")
+    assert victim.stat().st_size > 100  # stored again, whole
+
+
+def test_changed_input_checkpoint_misses_the_store(tiny_llama: Path, tmp_path: Path, store_root: Path) -> None:
+    import shutil
+
+    from tests.conftest import make_llama
+
+    other = make_llama(tmp_path / "other", seed=1)
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "a")
+    run_recipe(_recipe("gptq", bits=4, propagate="dense"), other, tmp_path / "b")
+    assert len([p for p in store_root.glob("??/*") if p.is_dir()]) == 2
+    shutil.rmtree(other)
+
+
+# -- a pass with a plan step -------------------------------------------------------------------
+class _PlanConfig(PassConfig):
+    keep: int = 1
+
+
+class _Plan(BaseModel):
+    energies: list[float]
+    loudest: int
+
+
+SEEN: dict[str, object] = {}
+
+
+class _Planner(Pass):
+    """Scans each block's input energy, plans which block is loudest, applies nothing but notes."""
+
+    name = "test-planner"
+
+    def needs(self) -> Needs:
+        return Needs(scan=True, plan=True, activations=False)
+
+    def statistic(self) -> Statistic:
+        return Statistic("test-energy", 1)
+
+    def scan_layer(self, ctx):  # noqa: ANN001, ANN201
+        st = ctx.state
+        e = sum(float(st.batch(b).double().pow(2).mean()) for b in st.batches())
+        return {"energy": torch.tensor([e], dtype=torch.float64)}
+
+    def plan(self, stats, run):  # noqa: ANN001, ANN201
+        energies = [float(stats.block(i)["energy"]) for i in range(stats.n_blocks)]
+        return _Plan(energies=energies, loudest=max(range(len(energies)), key=energies.__getitem__))
+
+    def process_layer(self, ctx, run):  # noqa: ANN001, ANN201
+        assert ctx.state is None and ctx.stats is not None
+        SEEN.setdefault("applied", []).append((ctx.index, run.plan.loudest))  # type: ignore[union-attr]
+        return []
+
+
+@pytest.fixture()
+def planner():
+    register_pass("test-planner", _PlanConfig, needs_calibration=True, summary="test")(_Planner)
+    SEEN.clear()
+    yield
+    PASSES.pop("test-planner", None)
+
+
+def test_plan_step_sees_every_block_before_any_is_applied(planner: None, tiny_llama: Path, tmp_path: Path,
+                                                          store_root: Path) -> None:
+    import json
+
+    out = run_recipe(_recipe("test-planner"), tiny_llama, tmp_path / "p")
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["energies"]) == 3 and all(e > 0 for e in plan["energies"])
+    assert SEEN["applied"] == [(i, plan["loudest"]) for i in range(3)]
+    store = WorkStore(store_root)
+    key = next(p.name for p in store_root.glob("??/*") if p.is_dir())
+    assert store.names(key) == ["block-0000", "block-0001", "block-0002"]
+
+
+def test_plan_step_without_cache_uses_a_scratch_store(planner: None, tiny_llama: Path, tmp_path: Path,
+                                                      store_root: Path) -> None:
+    run_recipe(_recipe("test-planner"), tiny_llama, tmp_path / "p", cache=False)
+    assert (tmp_path / "p" / "plan.json").is_file()
+    assert not list(store_root.glob("??/*")) and not list(tmp_path.glob(".compress-scan-*"))
+
+
+def test_a_plan_needs_a_scan() -> None:
+    with pytest.raises(ValueError, match="plan step needs a scan"):
+        Needs(plan=True)
