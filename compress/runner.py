@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from compress._memory import bound_allocator, trim
@@ -93,7 +94,6 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
         load_corpus(recipe.calibration.data)
     out.parent.mkdir(parents=True, exist_ok=True)
     stages_dir = out.with_name(f".{out.name}.stages")
-    partial = out.with_name(out.name + ".partial")
     if resume:
         _check_resumable(out, recipe, model, stages_dir)
     if not resume:
@@ -233,6 +233,30 @@ def _open_stats(the_pass: Pass, needs: Needs, src: Path, calib: Calibration | No
         raise TypeError(f"{type(the_pass).__name__} declares a scan but no statistic()")
     return open_stats(statistic, src, None if calib is None else calib.fingerprint, n_blocks,
                       cache=cache, keep_all=needs.plan or needs.activations, scratch_dir=scratch_dir)
+
+
+def stored_plan(recipe: Recipe, src: Path) -> BaseModel | None:
+    """The plan the first stage would make on ``src`` when its pass has a plan step and every
+    block's scan statistics are already in the work store (None otherwise): ``compress plan``
+    shows it without scanning."""
+    stage = recipe.stages[0]
+    spec = get_pass(stage.pass_name)
+    the_pass = spec.pass_cls(stage.config)
+    needs = the_pass.needs()
+    if not needs.plan:
+        return None
+    reader = CheckpointReader(src)
+    adapter = get_adapter(reader.config)
+    in_manifest = reader_manifest(reader)
+    model = build_skeleton(reader, adapter, in_manifest)
+    the_pass.resolve(block_linears(model, adapter))
+    calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
+    stats = _open_stats(the_pass, needs, src, calib, len(get_module(model, adapter.layers)), True, src)
+    if stats is None or stats.missing():
+        return None
+    run = RunContext(reader, adapter, model, dict(reader.config), None,
+                     dict(in_manifest.get("modules", {})), list(in_manifest.get("transforms", [])))
+    return the_pass.plan(stats, run)
 
 
 def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[str, int, int]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from compress.model import reader_manifest
 from compress.pipeline.pass_api import PassConfig
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec, get_pass
-from compress.runner import make_protocol
+from compress.runner import make_protocol, stored_plan
 from compress.units import human_bytes
 
 RUNTIME_BYTES = 450 * 1024**2  # torch + transformers imported, measured on CPU (order of magnitude)
@@ -106,7 +108,21 @@ def plan_recipe(recipe: Recipe, model: str) -> Group:
     est.add_column("size", justify="right", no_wrap=True)
     for k, v in [("input on disk", total_in), ("output on disk (estimate)", total_out), *mem.items()]:
         est.add_row(k, human_bytes(v))
-    return Group(stages, est)
+    return Group(stages, est, *_stored_plan_lines(recipe, Path(reader.path)))
+
+
+def _stored_plan_lines(recipe: Recipe, src: Path) -> list[Text]:
+    """The first stage's plan (JSON) when its pass plans from a scan whose statistics are stored;
+    a note when they are not yet."""
+    stage = recipe.stages[0]
+    if not get_pass(stage.pass_name).pass_cls(stage.config).needs().plan:
+        return []
+    plan = stored_plan(recipe, src)
+    if plan is None:
+        return [Text(f"stage 0 ({stage.pass_name}) plans from a scan of every block; its statistics are not "
+                     "stored yet, so the plan is shown after the first run")]
+    return [Text(f"plan of stage 0 ({stage.pass_name}), from stored statistics:"),
+            Text(json.dumps(plan.model_dump(mode="json"), indent=1))]
 
 
 def _calibration_cell(spec: PassSpec, config: PassConfig, cal: CalibrationConfig) -> str:

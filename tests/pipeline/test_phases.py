@@ -172,6 +172,23 @@ def test_plan_step_sees_every_block_before_any_is_applied(planner: None, tiny_ll
     assert store.names(key) == ["block-0000", "block-0001", "block-0002"]
 
 
+def test_compress_plan_shows_the_plan_once_statistics_are_stored(planner: None, tiny_llama: Path, tmp_path: Path,
+                                                                store_root: Path) -> None:
+    from rich.console import Console
+
+    from compress.summary import plan_recipe
+
+    def shown() -> str:
+        console = Console(width=100, record=True)
+        console.print(plan_recipe(_recipe("test-planner"), str(tiny_llama)))
+        return console.export_text()
+
+    assert "not stored yet" in shown()
+    run_recipe(_recipe("test-planner"), tiny_llama, tmp_path / "p")
+    text = shown()
+    assert "from stored statistics" in text and '"loudest"' in text, text
+
+
 def test_plan_step_without_cache_uses_a_scratch_store(planner: None, tiny_llama: Path, tmp_path: Path,
                                                       store_root: Path) -> None:
     run_recipe(_recipe("test-planner"), tiny_llama, tmp_path / "p", cache=False)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from compress.checkpoint import CheckpointReader
+from compress.errors import CompressError
 from compress.recipe import parse_recipe
 from compress.runner import run_recipe
 from tests.conftest import ROOT, SMOKE, dir_hash, error_lines, make_llama, run_cli
@@ -47,7 +48,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ["gptq-dense", "slicegpt", "slice-then-gptq"])
 def test_killed_run_resumes_to_identical_tensors(case: str, tiny_llama: Path, tmp_path: Path) -> None:
     recipe = {"calibration": CAL, "stages": CASES[case]}
     full = run_recipe(parse_recipe(recipe), tiny_llama, tmp_path / "full")
@@ -57,14 +58,6 @@ def test_killed_run_resumes_to_identical_tensors(case: str, tiny_llama: Path, tm
     _assert_same_tensors(full, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "resumed"]  # no partial, no stages dir
     assert not (out / "resume.json").exists() and not (out / "resume").exists()
-
-
-def test_rerun_without_resume_discards_the_partial_run(tiny_llama: Path, tmp_path: Path) -> None:
-    recipe = {"calibration": CAL, "stages": CASES["gptq"]}
-    out = tmp_path / "o"
-    _kill_after(recipe, tiny_llama, out, 1, "gptq")
-    run_recipe(parse_recipe(recipe), tiny_llama, out)
-    assert not out.with_name("o.partial").exists() and (out / "compression.json").is_file()
 
 
 # -- refusals: one line, exit 2, the partial run kept, no output -------------------------------
@@ -85,13 +78,16 @@ def test_resume_with_no_partial_run_is_refused(tiny_llama: Path, tmp_path: Path,
     _refused(["rtn", str(tiny_llama), "-o", str(out), "--resume"], "no partial run", monkeypatch, capsys, out)
 
 
-@pytest.fixture()
-def killed_gptq(tiny_llama: Path, tmp_path: Path) -> Path:
-    """A CLI-equivalent GPTQ W4 run (brown-128-smoke, batch 4) killed after block 1."""
-    recipe = {"name": "cli-gptq", "calibration": {"protocol": "brown-128-smoke", "batch_size": 4},
-              "stages": CASES["gptq"]}
-    out = tmp_path / "o"
-    _kill_after(recipe, tiny_llama, out, 1, "gptq")
+GPTQ_CLI = {"name": "cli-gptq", "calibration": {"protocol": "brown-128-smoke", "batch_size": 4},
+            "stages": CASES["gptq"]}
+
+
+@pytest.fixture(scope="module")
+def killed_gptq(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLI-equivalent GPTQ W4 run (brown-128-smoke, batch 4) killed after block 1; the refusals
+    below leave it untouched, so they share it."""
+    out = tmp_path_factory.mktemp("killed") / "o"
+    _kill_after(GPTQ_CLI, tiny_llama, out, 1, "gptq")
     return out
 
 
@@ -102,28 +98,26 @@ def test_resume_with_a_different_recipe_is_refused(killed_gptq: Path, tiny_llama
     _refused(args, "the recipe differs", monkeypatch, capsys, killed_gptq)
 
 
-def test_resume_after_the_input_changed_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_resume_with_other_calibration_is_refused(killed_gptq: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"line {i} of another text with some words in it" for i in range(3000)))
+    recipe = {**GPTQ_CLI, "calibration": {**GPTQ_CLI["calibration"], "data": str(other)}}
+    partial = killed_gptq.with_name("o.partial")
+    before = dir_hash(partial)
+    with pytest.raises(CompressError, match="the calibration differs"):
+        run_recipe(parse_recipe(recipe), tiny_llama, killed_gptq, resume=True)
+    assert dir_hash(partial) == before and not killed_gptq.exists()
+
+
+def test_resume_after_the_input_changed_is_refused_and_a_rerun_discards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
     model = make_llama(tmp_path / "m")
     recipe = {"calibration": CAL, "stages": CASES["gptq"]}
     out = tmp_path / "o"
     _kill_after(recipe, model, out, 1, "gptq")
     make_llama(model, seed=3)  # the same path, other weights
-    with pytest.raises(Exception, match="input checkpoint changed"):
+    with pytest.raises(CompressError, match="input checkpoint changed"):
         run_recipe(parse_recipe(recipe), model, out, resume=True)
     assert out.with_name("o.partial").is_dir() and not out.exists()
-
-
-def test_resume_with_other_calibration_is_refused(killed_gptq: Path, tiny_llama: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    recipe = {"name": "cli-gptq", "calibration": {"protocol": "brown-128-smoke", "batch_size": 4},
-              "stages": CASES["gptq"]}
-    other = tmp_path_text = killed_gptq.parent / "other.txt"
-    other.write_text("\n".join(f"line {i} of another text with some words in it" for i in range(3000)))
-    recipe["calibration"]["data"] = str(tmp_path_text)
-    partial = killed_gptq.with_name("o.partial")
-    before = dir_hash(partial)
-    with pytest.raises(Exception, match="differs"):
-        run_recipe(parse_recipe(recipe), tiny_llama, killed_gptq, resume=True)
-    assert dir_hash(partial) == before
+    run_recipe(parse_recipe(recipe), model, out)  # a rerun without --resume discards the partial run
+    assert not out.with_name("o.partial").exists() and (out / "compression.json").is_file()
