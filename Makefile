@@ -16,4 +16,4 @@ demo: $(VENV)/.installed
 	$(BIN)/compress demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=25

@@ -1,6 +1,7 @@
 """Markdown tables for BENCHMARKS.md, printed from the results JSON (never typed in by hand).
 
-Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e | depth
+Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e | depth | cache-reuse |
+       resume | port-regression
 """
 
 from __future__ import annotations
@@ -90,9 +91,68 @@ def depth() -> str:
     return "\n".join(lines)
 
 
+def _foundation(key: str) -> dict | None:
+    path = RESULTS / "foundation.json"
+    return json.loads(path.read_text()).get(key) if path.is_file() else None
+
+
+def _same(d: dict) -> str:
+    if d["differing"] == 0 and d["same_names"]:
+        return f"identical ({d['tensors']} tensors)"
+    return f"{d['differing']} of {d['tensors']} tensors differ (max rel. {d['max_rel_diff']:.2e})"
+
+
+def cache_reuse() -> str:
+    """GPTQ W3 with the Hessians the W4 run stored, vs that W4 run; tensors vs --no-cache."""
+    d = _foundation("cache_reuse")
+    head = ["| run | wall | peak RSS |", "|---|---|---|"]
+    if d is None:
+        return "\n".join([*head, "| — | not measured | — |"])
+    rows = [("W4, empty store", d["w4_cold"]), ("W3, Hessians from the store", d["w3_cached"]),
+            ("W3, --no-cache", d["w3_no_cache"])]
+    lines = [*head, *(f"| {label} | {r['wall_s']:.0f} s | {_gb(r['peak_rss_bytes'])} |" for label, r in rows)]
+    m = d["machine"]
+    lines.append("")
+    lines.append(f"W3 cached / W4: **{d['ratio_w3_cached_over_w4']:.3f}×** (goal ≤ {d['goal']}); W3 cached vs "
+                 f"--no-cache: {_same(d['w3_vs_no_cache'])}. {d['protocol']}, {m['date']}, {m['cpu']}, "
+                 f"{m['cores']} cores.")
+    return "\n".join(lines)
+
+
+def resume() -> str:
+    """SIGKILL after block 15 of 30, then --resume: wall vs an uninterrupted run, tensors."""
+    d = _foundation("resume")
+    head = ["| pass | full run | killed after | resumed run | resumed / full | tensors vs full |",
+            "|---|---|---|---|---|---|"]
+    if d is None:
+        return "\n".join([*head, "| — | not measured | — | — | — | — |"])
+    lines = list(head)
+    for r in d["rows"]:
+        lines.append(f"| {r['pass']} | {r['full']['wall_s']:.0f} s | block {r['killed']['blocks_done_at_kill']} "
+                     f"({r['killed']['wall_s']:.0f} s) | {r['resumed']['wall_s']:.0f} s | "
+                     f"**{r['ratio_resumed_over_full']:.3f}×** | {_same(r['resumed_vs_full'])} |")
+    m = d["machine"]
+    lines += ["", f"{d['protocol']}, {m['date']}, {m['cpu']}, {m['cores']} cores; goal ≤ 0.6×."]
+    return "\n".join(lines)
+
+
+def port_regression() -> str:
+    """Every existing pass, this tree vs the reference commit, per tensor."""
+    d = _foundation("port_regression")
+    head = ["| model | case | goal | result | met |", "|---|---|---|---|---|"]
+    if d is None:
+        return "\n".join([*head, "| — | — | — | not measured | — |"])
+    lines = list(head)
+    for r in d["rows"]:
+        lines.append(f"| {r['model']} | {r['case']} | {r['goal']} | {_same(r)} | {'yes' if r['met'] else '**no**'} |")
+    m = d["machine"]
+    lines += ["", f"Reference: commit {d['reference']}; {m['date']}, {m['cpu']}, {m['cores']} cores."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
-             "depth": depth}
+             "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

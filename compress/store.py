@@ -2,7 +2,8 @@
 
 A scan's per-block statistics (float64 Gram/Hessian matrices, per-column losses, spectra) depend
 only on the dense checkpoint, the calibration windows and a few options, so later runs on the same
-model and data read them back instead of recomputing; ``--resume`` builds on the same store.
+model and data read them back instead of recomputing (``compress.pipeline.stats`` keeps one
+entry per statistic, input and calibration, one group per block).
 
 Layout under ``root`` (default ``$COMPRESS_CACHE/work``)::
 
@@ -223,7 +224,7 @@ class WorkStore:
         if entry is None:
             return
         flat = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-        header = _header(flat)
+        header = safetensors_header(flat)
         nbytes = len(header) + sum(t.numel() * t.element_size() for t in flat.values())
         try:
             with _locked(self._lock(key)):
@@ -383,7 +384,7 @@ def _env_max_bytes() -> int:
     return value
 
 
-def _header(tensors: Tensors) -> bytes:
+def safetensors_header(tensors: Tensors) -> bytes:
     """The safetensors prefix (u64 length + JSON header padded to 8 bytes) for ``tensors``."""
     meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0

@@ -17,6 +17,7 @@ from compress.calib.protocol import corpus_protocol_name
 from compress.checkpoint import CheckpointReader
 from compress.model import reader_manifest
 from compress.pipeline.pass_api import PassConfig
+from compress.pipeline.shapes import ShapePlan
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec, get_pass
 from compress.runner import make_protocol, stored_plan
@@ -60,21 +61,6 @@ def describe(model: str) -> Table:
     return t
 
 
-def _linear_shapes(reader: CheckpointReader, adapter: Adapter) -> dict[str, tuple[int, int]]:
-    out = {}
-    for key in reader.keys():
-        if key.endswith(".weight") and key.startswith(adapter.layers + "."):
-            rel = key.split(".", len(adapter.layers.split(".")) + 1)[-1].removesuffix(".weight")
-            if rel in adapter.linears and len(reader.shape(key)) == 2:
-                out[key.removesuffix(".weight")] = reader.shape(key)
-    return out
-
-
-def _block_relative(name: str, adapter: Adapter) -> str:
-    """``model.layers.3.self_attn.q_proj`` → ``self_attn.q_proj``."""
-    return name[len(adapter.layers) + 1:].split(".", 1)[1]
-
-
 def plan_recipe(recipe: Recipe, model: str) -> Group:
     """Validate ``recipe`` against ``model``: each stage's effective options (after the pass has
     resolved shape-dependent ones such as ``group_size: auto``) and calibration, then estimates
@@ -86,27 +72,16 @@ def plan_recipe(recipe: Recipe, model: str) -> Group:
     stages.add_column("pass")
     stages.add_column("calibration", overflow="fold")
     stages.add_column("options (* = set by the recipe)", overflow="fold")
-    shapes = _linear_shapes(reader, adapter)
-    linears = [(_block_relative(n, adapter), o, k) for n, (o, k) in shapes.items()]
-    sizes = {n: _tensor_bytes(reader, n + ".weight") for n in shapes}
-    for i, st in enumerate(recipe.stages):
-        spec = get_pass(st.pass_name)
-        the_pass = spec.pass_cls(st.config)
-        the_pass.resolve(linears)
-        stages.add_row(str(i), spec.name, _calibration_cell(spec, st.config, recipe.calibration),
-                       _options_cell(st.config, the_pass.config))
-        for name, (o, k) in shapes.items():
-            est = the_pass.estimate_bytes(o, k, _block_relative(name, adapter))
-            if est is not None:
-                sizes[name] = est
     total_in = reader.total_bytes()
-    linear_in = sum(_tensor_bytes(reader, n + ".weight") for n in shapes)
-    total_out = total_in - linear_in + sum(sizes.values())
+    sizes = stage_bytes(recipe, reader, adapter, stages)
+    total_out = sizes[-1]
     mem = _peak_memory(reader, adapter, recipe)
     est = Table(title="estimates")
     est.add_column("quantity")
     est.add_column("size", justify="right", no_wrap=True)
-    for k, v in [("input on disk", total_in), ("output on disk (estimate)", total_out), *mem.items()]:
+    per_stage = [(f"after stage {i} ({st.pass_name}) (estimate)", b)
+                 for i, (st, b) in enumerate(zip(recipe.stages[:-1], sizes[:-1], strict=True))]
+    for k, v in [("input on disk", total_in), *per_stage, ("output on disk (estimate)", total_out), *mem.items()]:
         est.add_row(k, human_bytes(v))
     return Group(stages, est, *_stored_plan_lines(recipe, Path(reader.path)))
 
@@ -123,6 +98,24 @@ def _stored_plan_lines(recipe: Recipe, src: Path) -> list[Text]:
                      "stored yet, so the plan is shown after the first run")]
     return [Text(f"plan of stage 0 ({stage.pass_name}), from stored statistics:"),
             Text(json.dumps(plan.model_dump(mode="json"), indent=1))]
+
+
+def stage_bytes(recipe: Recipe, reader: CheckpointReader, adapter: Adapter, table: Table | None = None) -> list[int]:
+    """Estimated bytes on disk after each stage: every stage is resolved against, and estimated
+    on, the shapes the stage before it leaves (:class:`ShapePlan`). With ``table`` each stage's
+    effective options are added to it as a row."""
+    plan = ShapePlan.of(reader, adapter)
+    sizes = []
+    for i, st in enumerate(recipe.stages):
+        spec = get_pass(st.pass_name)
+        the_pass = spec.pass_cls(st.config)
+        the_pass.resolve(plan.block_linears(adapter))
+        if table is not None:
+            table.add_row(str(i), spec.name, _calibration_cell(spec, st.config, recipe.calibration),
+                          _options_cell(st.config, the_pass.config))
+        the_pass.plan_shapes(plan, adapter)
+        sizes.append(plan.total_bytes())
+    return sizes
 
 
 def _calibration_cell(spec: PassSpec, config: PassConfig, cal: CalibrationConfig) -> str:

@@ -47,10 +47,12 @@ from compress.modules.sliced import (
     ProjectedRMSNorm, SlicedEmbedding, block_linears, block_paths, make_sliced_block, norm_eps, set_linear,
     set_norm, set_shortcut)
 from compress.pipeline.pass_api import Pass, PassConfig, read_data_file
+from compress.pipeline.shapes import ShapePlan
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
 if TYPE_CHECKING:
+    from compress.arch import Adapter
     from compress.calib.pipeline import LayerContext
     from compress.pipeline.contexts import RunContext
 
@@ -417,18 +419,39 @@ class SliceGPTPass(Pass):
             amount = f"{c.sparsity:.0%}"
         return " ".join([self.name, amount, "sliced", *(["slice-head"] if c.slice_head else [])])
 
-    def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
-        """fp32 bytes of a block linear at the mean fraction; ``o``/``down`` also carry their
-        block's shortcut (``d²``), so `plan`'s total includes the shortcuts."""
-        fr = self.config.schedule if isinstance(self.config.schedule, list) else [self.config.sparsity]
-        f = sum(fr) / len(fr)
-        leaf = rel_name.rsplit(".", 1)[-1]
-        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            return out_features * sliced_width(in_features, f, self.config.round_to) * 4
-        if leaf in ("o_proj", "down_proj"):
-            d = sliced_width(out_features, f, self.config.round_to)
-            return (d * in_features + (d * d if d < out_features else 0)) * 4
-        return None
+    def plan_shapes(self, plan: ShapePlan, adapter: Adapter) -> None:
+        """Every point's width as :meth:`begin` and :meth:`process_layer` will choose it: the
+        block linears narrowed on their residual side, norms at their point's width, the two
+        shortcuts of each block (``[d_mid, d_in]``, ``[d_out, d_mid]``, present when either end
+        is rotated), the embedding table at its stored width and the head or head map."""
+        cfg, e = plan.config, plan.elem
+        D, V, n = int(cfg["hidden_size"]), int(cfg["vocab_size"]), int(cfg["num_hidden_layers"])
+        self._full, self._tied = D, plan.tied_head
+        self._plan_widths(n)
+        d0 = self._emb_width
+        stored = D if (self._tied and not self.config.slice_head) else d0
+        extra = V * (stored - D)  # the embedding table
+        lin = block_linears(adapter)
+        d_in = d0
+        for i in range(n):
+            d_mid, d_out = self._widths[i]
+            pre = adapter.layer_prefix(i)
+            for rel, side in (*((r, "in") for r in lin["attn_in"]), (lin["attn_out"][0], "mid_out"),
+                              *((r, "mid_in") for r in lin["mlp_in"]), (lin["mlp_out"][0], "out")):
+                o, k = plan.linears[pre + rel]
+                o, k = {"in": (o, d_in), "mid_out": (d_mid, k), "mid_in": (o, d_mid), "out": (d_out, k)}[side]
+                plan.reshape(pre + rel, o, k)
+            extra += (d_in - D) + (d_mid - D)  # the two norms
+            rot_in, rot_mid, rot_out = (self._rotates(w) for w in (d_in, d_mid, d_out))
+            extra += d_mid * d_in if (rot_in or rot_mid) else 0
+            extra += d_out * d_mid if (rot_mid or rot_out) else 0
+            d_in = d_out
+        if self._tied:
+            if self._rotates(d_in) or self._rotates(d0):
+                extra += (d_in - D) + stored * d_in  # ProjectedRMSNorm: weight + head map
+        else:
+            extra += (d_in - D) + V * (d_in - D)  # final norm and head at the last width
+        plan.other_bytes += extra * e
 
 
 def _tied(run: RunContext) -> bool:

@@ -29,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from compress.arch import Adapter
     from compress.calib.pipeline import LayerContext
     from compress.pipeline.contexts import RunContext
+    from compress.pipeline.shapes import ShapePlan
     from compress.pipeline.stats import BlockStats
     from compress.report import LayerRecord
 
@@ -143,6 +145,20 @@ class Pass(ABC):
     def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
         """Stored bytes of one block linear after this pass (None: unchanged). For `plan`."""
         return None
+
+    def plan_shapes(self, plan: ShapePlan, adapter: Adapter) -> None:
+        """Rewrite ``plan`` (what the previous stage leaves) into what this pass writes, for
+        ``compress plan``: by default each selected, still dense block linear takes
+        :meth:`estimate_bytes`. A pass that changes shapes overrides this."""
+        from compress.pipeline.shapes import block_relative
+
+        for name, (o, k) in plan.linears.items():
+            if name in plan.compressed:
+                continue
+            est = self.estimate_bytes(o, k, block_relative(name, adapter))
+            if est is not None:
+                plan.linear_bytes[name] = est
+                plan.compressed.add(name)
 
     def finish(self, run: RunContext) -> None:
         """Called once, after the last block (final norm and head materialised)."""

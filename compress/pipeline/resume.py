@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from compress.errors import CompressError
+from compress.store import safetensors_header
 
 FORMAT = 1
 STATE_FILE = "resume.json"
@@ -84,7 +85,7 @@ def save_point(partial: Path, identity: Identity, point: dict, tensors: dict[str
     files = {}
     for name, group in tensors.items():
         f = f"{name}-{gen}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(d / f))
+        _save_streamed(d / f, group)
         files[name] = f
     body = {**point, "format": FORMAT, "identity": identity.to_dict(), "generation": gen, "files": files}
     tmp = partial / (STATE_FILE + ".tmp")
@@ -93,6 +94,21 @@ def save_point(partial: Path, identity: Identity, point: dict, tensors: dict[str
     for f in d.iterdir():  # the previous generation's files
         if f.name not in files.values():
             f.unlink(missing_ok=True)
+
+
+def _save_streamed(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Write a safetensors file chunk by chunk along dim 0 (no whole-file bytes copy, and a
+    non-contiguous view such as the first ``width`` columns of the activations is copied one
+    window at a time), so a commit adds at most one window to the peak memory."""
+    header = safetensors_header({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()})
+    with path.open("wb") as fh:
+        fh.write(header)
+        for t in tensors.values():
+            t = t.detach().cpu()
+            rows = t.reshape(1, -1) if t.dim() == 0 else t
+            for i in range(rows.shape[0]):
+                if rows[i].numel():
+                    fh.write(rows[i].contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def load_tensors(partial: Path, point: dict, name: str) -> dict[str, Tensor]:

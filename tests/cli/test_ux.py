@@ -379,3 +379,16 @@ def test_every_help_example_parses() -> None:
             ctx.close()
             seen += 1
     assert seen >= 2 * len(COMMANDS) - 4, seen
+
+
+def test_a_full_disk_while_storing_statistics_is_one_line(tmp_path: Path) -> None:
+    """``ulimit -f`` below one block's Gram matrices: the work store's write fails, the run stops
+    with one line and exit 2, and neither an output nor a partial directory is left."""
+    model = make_llama(tmp_path / "llama", layers=2)
+    out = tmp_path / "o"
+    before = dir_hash(model)
+    p = compress("gptq", str(model), "-o", str(out), "--propagate", "dense", *SMOKE,
+                 env={"COMPRESS_CACHE": str(tmp_path / "cache")},
+                 prefix=["bash", "-c", 'ulimit -f 120; exec "$@"', "bash"])
+    refused(p, "cannot write")
+    assert not out.exists() and not out.with_name("o.partial").exists() and dir_hash(model) == before

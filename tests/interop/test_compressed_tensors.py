@@ -227,3 +227,15 @@ def test_future_format_version_is_refused(interop_llama: Path, tmp_path: Path) -
     (out / "compression.json").write_text(json.dumps(manifest))
     with pytest.raises(CompressError, match="format version 99"):
         compress.load(out)
+
+
+def test_unknown_module_kind_is_refused(interop_llama: Path, tmp_path: Path) -> None:
+    from compress.errors import CompressError
+
+    out = compress.run({"stages": [{"pass": "rtn", "config": {"bits": 4}}]}, interop_llama, tmp_path / "out")
+    manifest = json.loads((out / "compression.json").read_text())
+    name = next(iter(manifest["modules"]))
+    manifest["modules"][name]["kind"] = "hologram"
+    (out / "compression.json").write_text(json.dumps(manifest))
+    with pytest.raises(CompressError, match="unknown module kind 'hologram'"):
+        compress.load(out)
