@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,8 +134,11 @@ def _check_resumable(out: Path, recipe: Recipe, model: Path, stages_dir: Path) -
             continue
         ident = data.get("identity", data)
         what = None
-        if ident.get("recipe") != recipe_hash(recipe):
+        if "identity" in data and ident.get("recipe") != recipe_hash(recipe, calibration=False):
             what = "the recipe differs"
+        elif "identity" not in data and ident.get("recipe") != recipe_hash(recipe):  # a finished stage
+            what = ("the calibration differs" if ident.get("stages") == recipe_hash(recipe, calibration=False)
+                    else "the recipe differs")
         elif ident.get("stage") == 0 and ident.get("input") != checkpoint_hash(model):
             what = "the input checkpoint changed"
         if what:
@@ -143,7 +147,8 @@ def _check_resumable(out: Path, recipe: Recipe, model: Path, stages_dir: Path) -
 
 
 def _stage_identity(recipe: Recipe, index: int, src: Path) -> dict:
-    return {"recipe": recipe_hash(recipe), "stage": index, "input": checkpoint_hash(src)}
+    return {"recipe": recipe_hash(recipe), "stages": recipe_hash(recipe, calibration=False), "stage": index,
+            "input": checkpoint_hash(src)}
 
 
 def _stage_done(dst: Path, recipe: Recipe, index: int, src: Path) -> bool:
@@ -160,9 +165,13 @@ def _mark_stage_done(dst: Path, recipe: Recipe, index: int, src: Path) -> None:
     mark.write_text(json.dumps(_stage_identity(recipe, index, src)))
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """sha256 of the recipe's canonical YAML: what a resume must match."""
-    return hashlib.sha256(recipe.to_yaml().encode()).hexdigest()
+def recipe_hash(recipe: Recipe, *, calibration: bool = True) -> str:
+    """sha256 of the recipe's canonical YAML (without its calibration section when
+    ``calibration`` is false: a resume compares the calibration by its fingerprint instead)."""
+    data = recipe.to_dict()
+    if not calibration:
+        data.pop("calibration", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def stage_identity(recipe: Recipe, index: int, src: Path, calib: Calibration | None,
@@ -170,7 +179,7 @@ def stage_identity(recipe: Recipe, index: int, src: Path, calib: Calibration | N
     """What a ``--resume`` of this stage must match (``memo``: remember the input's hash)."""
     from compress.provenance import tool_version
 
-    return Identity(input=checkpoint_hash(src, memo=memo), recipe=recipe_hash(recipe), stage=index,
+    return Identity(input=checkpoint_hash(src, memo=memo), recipe=recipe_hash(recipe, calibration=False), stage=index,
                     calibration=None if calib is None else calib.fingerprint,
                     version=f"{tool_version()} torch {torch.__version__}")
 
@@ -179,17 +188,10 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
               progress: Progress | None = None, cache: bool = True, resume: bool = False) -> Path:
     """One stage: scan, plan and apply the pass over ``src`` into ``out`` (see
     :mod:`compress.pipeline.stream`); ``resume`` continues from ``OUT.partial``'s last commit."""
-    stage = recipe.stages[index]
-    spec = get_pass(stage.pass_name)
-    the_pass = spec.pass_cls(stage.config)
-    needs = the_pass.needs()
     torch.manual_seed(recipe.seed)
-    reader = CheckpointReader(src)
-    adapter = get_adapter(reader.config)
-    in_manifest = reader_manifest(reader)
-    model = build_skeleton(reader, adapter, in_manifest)
-    the_pass.resolve(block_linears(model, adapter))
-    calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
+    st = _prepare(recipe, index, src)
+    the_pass, needs, reader, adapter, in_manifest, model, calib = (
+        st.the_pass, st.needs, st.reader, st.adapter, st.in_manifest, st.model, st.calib)
     trim()  # the corpus text and tokenizer buffers are garbage now
     t0 = time.perf_counter()
     identity = stage_identity(recipe, index, src, calib, memo=cache)
@@ -240,23 +242,42 @@ def stored_plan(recipe: Recipe, src: Path) -> BaseModel | None:
     block's scan statistics are already in the work store (None otherwise): ``compress plan``
     shows it without scanning."""
     stage = recipe.stages[0]
+    if not get_pass(stage.pass_name).pass_cls(stage.config).needs().plan:
+        return None
+    st = _prepare(recipe, 0, src)
+    stats = _open_stats(st.the_pass, st.needs, src, st.calib, len(get_module(st.model, st.adapter.layers)), True, src)
+    if stats is None or stats.missing():
+        return None
+    run = RunContext(st.reader, st.adapter, st.model, dict(st.reader.config), None,
+                     dict(st.in_manifest.get("modules", {})), list(st.in_manifest.get("transforms", [])))
+    return st.the_pass.plan(stats, run)
+
+
+@dataclass
+class _Prepared:
+    """A stage before any block is touched: its pass (resolved on the model's shapes), the input
+    reader, adapter and manifest, the meta skeleton, and the calibration windows if it calibrates."""
+
+    the_pass: Pass
+    needs: Needs
+    reader: CheckpointReader
+    adapter: Adapter
+    in_manifest: dict
+    model: nn.Module
+    calib: Calibration | None
+
+
+def _prepare(recipe: Recipe, index: int, src: Path) -> _Prepared:
+    stage = recipe.stages[index]
     spec = get_pass(stage.pass_name)
     the_pass = spec.pass_cls(stage.config)
-    needs = the_pass.needs()
-    if not needs.plan:
-        return None
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
     in_manifest = reader_manifest(reader)
     model = build_skeleton(reader, adapter, in_manifest)
     the_pass.resolve(block_linears(model, adapter))
     calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
-    stats = _open_stats(the_pass, needs, src, calib, len(get_module(model, adapter.layers)), True, src)
-    if stats is None or stats.missing():
-        return None
-    run = RunContext(reader, adapter, model, dict(reader.config), None,
-                     dict(in_manifest.get("modules", {})), list(in_manifest.get("transforms", [])))
-    return the_pass.plan(stats, run)
+    return _Prepared(the_pass, the_pass.needs(), reader, adapter, in_manifest, model, calib)
 
 
 def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[str, int, int]]:
