@@ -76,40 +76,38 @@ def test_no_cache_writes_nothing(tiny_llama: Path, tmp_path: Path, store_root: P
     assert not list(store_root.glob("??/*"))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped"])
-def test_corrupt_statistic_is_recomputed_with_a_warning(damage: str, tiny_llama: Path, tmp_path: Path,
-                                                        store_root: Path, capsys: pytest.CaptureFixture) -> None:
-    """A truncated middle block (seen before the run starts) or one with flipped bytes (seen by
-    its checksum when read, after block 0 was applied without activations: the run rebuilds the
-    dense activations up to it): recomputed with one warning line, the output what an uncached
-    run writes."""
-    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "a")
-    victim = next(store_root.glob("??/*/block-0001.safetensors"))
-    data = bytearray(victim.read_bytes())
-    if damage == "truncated":
-        data = data[:100]
-    else:
-        data[-64:] = bytes(64)
-    victim.write_bytes(bytes(data))
-    capsys.readouterr()
-    run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "b")
-    err = capsys.readouterr().err
-    assert "block-0001" in err and "recomput" in err, err
+def test_corrupt_statistics_are_recomputed_with_a_warning(tiny_llama: Path, tmp_path: Path, store_root: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A truncated block (seen by its size before the run starts) and one with flipped bytes (seen
+    by its checksum when read, after block 0 was applied without activations: the run rebuilds the
+    dense activations up to it): each recomputed with one warning line, the output what an
+    uncached run writes."""
     run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "c", cache=False)
-    _assert_identical(tmp_path / "b", tmp_path / "c")
-    assert victim.stat().st_size > 100  # stored again, whole
-
-
-def test_changed_input_checkpoint_misses_the_store(tiny_llama: Path, tmp_path: Path, store_root: Path) -> None:
-    import shutil
-
-    from tests.conftest import make_llama
-
-    other = make_llama(tmp_path / "other", seed=1)
     run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / "a")
-    run_recipe(_recipe("gptq", bits=4, propagate="dense"), other, tmp_path / "b")
-    assert len([p for p in store_root.glob("??/*") if p.is_dir()]) == 2
-    shutil.rmtree(other)
+    for damage, block in (("truncated", 1), ("flipped", 2)):
+        victim = next(store_root.glob(f"??/*/block-000{block}.safetensors"))
+        data = bytearray(victim.read_bytes())
+        if damage == "truncated":
+            data = data[:100]
+        else:
+            data[-64:] = bytes(64)
+        victim.write_bytes(bytes(data))
+        capsys.readouterr()
+        run_recipe(_recipe("gptq", bits=4, propagate="dense"), tiny_llama, tmp_path / damage)
+        err = capsys.readouterr().err
+        assert f"block-000{block}" in err and "recomput" in err, (damage, err)
+        _assert_identical(tmp_path / damage, tmp_path / "c")
+        assert victim.stat().st_size > 100  # stored again, whole
+
+
+def test_the_key_changes_with_the_input_and_the_calibration() -> None:
+    from compress.pipeline.stats import input_gram_statistic, stats_key
+
+    st = input_gram_statistic("float64")
+    base = stats_key(st, "m" * 64, "cal")[0]
+    assert base == stats_key(st, "m" * 64, "cal")[0]
+    assert len({base, stats_key(st, "n" * 64, "cal")[0], stats_key(st, "m" * 64, "other")[0],
+                stats_key(input_gram_statistic("float32"), "m" * 64, "cal")[0]}) == 4
 
 
 # -- a pass with a plan step -------------------------------------------------------------------
