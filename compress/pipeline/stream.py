@@ -8,7 +8,7 @@ written to the output shard, committed for ``--resume``, and freed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -91,25 +91,35 @@ class Stream:
         """The read-only scan: every block up to the last missing one, dense, in order."""
         if not self.missing:
             return
-        run = self.run
-        scanner = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
-        dense = get_module(scanner, run.adapter.layers)
         last = max(self.missing)
-        for i in range(last + 1):
+        for ctx in self._dense_blocks(self.run.state, last + 1):  # type: ignore[arg-type]
+            if ctx.index in self.missing:
+                self._scan(ctx)
+            if ctx.index < last:
+                ctx.propagate()
+            if self.progress is not None:
+                self.progress(ctx.index + 1, last + 1, f"{self.the_pass.name} scan (layer {ctx.index + 1}/{last + 1})")
+        self.missing.clear()
+        self.run.state = None
+
+    def _dense_blocks(self, state: CalibState, upto: int) -> Iterator[LayerContext]:
+        """Blocks ``0..upto-1`` of the dense input model, each materialised from the input shards
+        into a fresh skeleton (the run's own blocks may already be compressed), then freed."""
+        run = self.run
+        dense = get_module(build_skeleton(run.reader, run.adapter, reader_manifest(run.reader)), run.adapter.layers)
+        for i in range(upto):
             prefix = run.adapter.layer_prefix(i)
             materialize(dense[i], prefix, run.reader)
-            ctx = LayerContext(i, prefix, dense[i], run.adapter, run.state)
             with torch.no_grad():
-                if i in self.missing:
-                    self.stats.put(i, self._checked(self.the_pass.scan_layer(ctx), ctx))  # type: ignore[union-attr]
-                if i < last:
-                    ctx.propagate()
+                yield LayerContext(i, prefix, dense[i], run.adapter, state)
             release(dense[i])
             trim()
-            if self.progress is not None:
-                self.progress(i + 1, last + 1, f"{self.the_pass.name} scan (layer {i + 1}/{last + 1})")
-        self.missing.clear()
-        run.state = None
+
+    def _scan(self, ctx: LayerContext) -> dict[str, torch.Tensor]:
+        """Block ``ctx.index``'s statistics from its dense block, checked and stored."""
+        stats = self._checked(self.the_pass.scan_layer(ctx), ctx)
+        self.stats.put(ctx.index, stats)  # type: ignore[union-attr]
+        return stats
 
     @staticmethod
     def _checked(stats: dict[str, torch.Tensor], ctx: LayerContext) -> dict[str, torch.Tensor]:
@@ -156,8 +166,7 @@ class Stream:
             if self.run.state is None:  # stored but found corrupt or evicted: rebuild the dense inputs
                 self.run.state = self._replay_dense(i)
             ctx.state = self.run.state
-            stats = self._checked(self.the_pass.scan_layer(ctx), ctx)
-            self.stats.put(i, stats)
+            stats = self._scan(ctx)
             self.missing.discard(i)
         if not any(j > i for j in self.missing):
             self.run.state = ctx.state = None  # nothing later reads activations
@@ -173,13 +182,9 @@ class Stream:
             materialize(get_module(model, path), f"{path}.", run.reader)
         assert self.calib is not None
         state = capture_block_inputs(model, run.adapter, self.calib.windows, self.batch_size)
-        for path in run.adapter.embeddings:
-            release(get_module(model, path))
-        dense = get_module(model, run.adapter.layers)
-        for j in range(upto):
-            materialize(dense[j], run.adapter.layer_prefix(j), run.reader)
-            LayerContext(j, run.adapter.layer_prefix(j), dense[j], run.adapter, state).propagate()
-            release(dense[j])
+        del model
+        for ctx in self._dense_blocks(state, upto):
+            ctx.propagate()
         return state
 
     # -- resume --------------------------------------------------------------------------------
