@@ -20,7 +20,8 @@ from torch import nn
 from compress.arch import Adapter, get_adapter
 from compress.checkpoint import CheckpointReader
 from compress.errors import CompressError, NumericsError
-from compress.modules.kinds import MODEL_TRANSFORMS, build_module
+from compress.modules.kinds import (MODEL_TRANSFORMS, SHARED_PREFIX, SharedTensors, attach_shared, build_module,
+                                    check_shared_refs, parse_entry, parse_shared)
 
 
 def load_config(reader: CheckpointReader) -> transformers.PretrainedConfig:
@@ -53,7 +54,7 @@ def build_skeleton(reader: CheckpointReader, adapter: Adapter | None = None,
         model = auto.from_config(cfg, attn_implementation="sdpa", dtype=config_dtype(cfg))
     model.eval()
     manifest = manifest if manifest is not None else reader_manifest(reader)
-    apply_manifest(model, manifest, adapter)
+    apply_manifest(model, manifest, adapter, reader)
     return model
 
 
@@ -73,34 +74,58 @@ def migrate_manifest(manifest: dict, reader: CheckpointReader) -> dict:
 
     * version 1 → 2: 3-bit codes were packed ten to an int32 word; the quant entries are marked
       ``packing: legacy-v1`` so their modules read that layout and repack it to the dense stream.
+    * version 2 → 3: entries became typed (a field no kind defines is refused); entries written
+      before ``act_order``/``observer`` were recorded read as off/minmax; a ``shared`` section
+      (tensors stored once for several modules) exists, empty for older checkpoints.
 
     A manifest from a newer release is refused: its meaning cannot be guessed.
     """
     from compress.provenance import FORMAT_VERSION
 
     version = manifest.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
         raise CompressError(f"{reader.path}/compression.json has format version {version!r}; this compress "
                             f"reads versions 1..{FORMAT_VERSION}", "upgrade compress to read this checkpoint")
+    if not isinstance(manifest.get("modules", {}), dict):
+        raise CompressError(f"{reader.path}/compression.json 'modules' is not an object",
+                            "the manifest is damaged; re-run the compression")
     if version < 2:
         manifest = dict(manifest, modules={
-            n: dict(e, packing="legacy-v1") if e.get("kind") == "quant" else e
+            n: dict(e, packing="legacy-v1") if isinstance(e, dict) and e.get("kind") == "quant" else e
             for n, e in manifest.get("modules", {}).items()})
+    if version < 3:
+        manifest = dict(manifest, shared={}, format_version=FORMAT_VERSION)
     return manifest
 
 
-def apply_manifest(model: nn.Module, manifest: dict, adapter: Adapter) -> None:
-    """Apply model-level transforms, then swap every listed module for its representation."""
+def apply_manifest(model: nn.Module, manifest: dict, adapter: Adapter, reader: CheckpointReader) -> None:
+    """Apply model-level transforms, attach the shared tensors (meta), then swap every listed
+    module for its kind's runtime module; refuse a shared tensor that is referenced but absent."""
     for t in manifest.get("transforms", []):
         if t.get("kind") not in MODEL_TRANSFORMS:
             raise CompressError(f"unknown model transform {t.get('kind')!r} in compression.json",
                                 "upgrade compress to a version that knows it")
         MODEL_TRANSFORMS[t["kind"]](model, t, adapter)
-    modules = dict(manifest.get("modules", {}))
+    modules = {n: parse_entry(n, e) for n, e in manifest.get("modules", {}).items()}
     if "compressed_tensors" in manifest:
-        modules.update(compressed_tensors_modules(model, manifest["compressed_tensors"]))
+        modules.update({n: parse_entry(n, e) for n, e in
+                        compressed_tensors_modules(model, manifest["compressed_tensors"]).items()})
+    groups = parse_shared(manifest.get("shared"))
+    check_shared_refs(modules, groups, lambda key: key in reader, str(reader.path))
+    shared = None
+    if groups:
+        shared = SharedTensors(groups)
+        attach_shared(model, shared)
     for name, entry in modules.items():
-        set_module(model, name, build_module(get_module(model, name), entry))
+        set_module(model, name, build_module(get_module(model, name), entry, shared, name))
+
+
+def materialize_shared(model: nn.Module, reader: CheckpointReader) -> None:
+    """Load the model's shared tensors (every group) when it has any; the pipeline keeps them
+    for the whole run, since modules of any block may read them."""
+    shared = getattr(model, SHARED_PREFIX, None)
+    if shared is not None:
+        materialize(shared, f"{SHARED_PREFIX}.", reader)
 
 
 def compressed_tensors_modules(model: nn.Module, qc: dict) -> dict[str, dict]:

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compress.arch import Adapter
+from compress.modules.kinds import get_kind, parse_entry
 
 if TYPE_CHECKING:
     from compress.checkpoint import CheckpointReader, CheckpointWriter
     from compress.pipeline.contexts import Calibration
     from compress.recipe import Recipe
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """2: 3-bit codes packed as one dense bit stream (compressed-tensors ≥ 0.19); 1: ten to a word."""
 _NOT_COPIED = {"config.json", "compression.json", "recipe.yaml", "model.safetensors.index.json"}
 
@@ -75,11 +76,13 @@ def ecosystem_refusal(modules: dict[str, dict], transforms: list[dict]) -> str |
     if transforms:
         kinds = ", ".join(sorted({t.get("kind", "?") for t in transforms}))
         return f"the model's shapes were changed ({kinds}); transformers cannot rebuild them from config.json"
+    reasons = sorted({r for n, e in modules.items()
+                      if (r := get_kind(e.get("kind")).export_refusal(parse_entry(n, e))) is not None})
+    if reasons:
+        return "; ".join(reasons)
+    modules = {n: e for n, e in modules.items() if e.get("kind") == "quant"}
     if not modules:
         return "nothing was quantised"
-    other = sorted({e.get("kind") for e in modules.values()} - {"quant"})
-    if other:
-        return f"{', '.join(other)} modules have no compressed-tensors format"
     asym = sorted(n for n, e in modules.items() if not e.get("symmetric", True))
     if asym:
         return (f"asymmetric zero points ({len(asym)} linear(s)): transformers 5 with compressed-tensors "
@@ -109,7 +112,7 @@ def export_quantization_config(config: dict, modules: dict[str, dict], transform
     export = {"compressed_tensors": refusal is None, "reason": refusal}
     if refusal is not None:
         return config, export
-    quant = modules
+    quant = {n: e for n, e in modules.items() if e.get("kind") == "quant"}
     counts = Counter(_scheme(e) for e in quant.values())
     default = counts.most_common(1)[0][0]
     groups: dict[str, dict] = {}

@@ -199,7 +199,8 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
     point = resume_io.load_point(partial, identity) if resume else None  # refuses another run's
     with CheckpointWriter(out, overwrite=overwrite, keep_partial=point is not None) as writer:
         run = RunContext(reader, adapter, model, dict(reader.config), None,
-                         dict(in_manifest.get("modules", {})), list(in_manifest.get("transforms", [])))
+                         dict(in_manifest.get("modules", {})), list(in_manifest.get("transforms", [])),
+                         shared={g: {"tensors": v["tensors"]} for g, v in in_manifest.get("shared", {}).items()})
         stats = _open_stats(the_pass, needs, src, calib, len(get_module(model, adapter.layers)),
                             cache, out.parent)
         stream = Stream(run, the_pass, writer, needs, calib, recipe.calibration.batch_size, stats,
@@ -213,8 +214,8 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
                 stats.close()
         meta = provenance(reader, recipe, index, calib, in_manifest, time.perf_counter() - t0)
         config, export = export_quantization_config(run.config, run.modules, run.transforms, adapter)
-        meta.update({"modules": run.modules, "transforms": run.transforms, "notes": run.notes,
-                     "export": export})
+        meta.update({"modules": run.modules, "transforms": run.transforms, "shared": run.shared_section(),
+                     "notes": run.notes, "export": export})
         writer.write_json("config.json", config)
         writer.write_json("compression.json", meta)
         writer.write_text("recipe.yaml", recipe.to_yaml())

@@ -47,6 +47,7 @@ def describe(model: str) -> Table:
             ("bytes on disk", f"{human_bytes(reader.total_bytes())} ({reader.total_bytes():,} B)"),
             ("shards", str(len(reader.files()))),
             ("compressed modules", ", ".join(f"{k}: {v}" for k, v in kinds.items()) or "none"),
+            *_kind_rows(reader, manifest),
             ("transforms", ", ".join(x["kind"] for x in manifest.get("transforms", [])) or "none")]
     if "tool" in manifest:
         rows += [("made by", f"compress {manifest['tool']['version']} ({manifest['tool'].get('git_sha')})"),
@@ -59,6 +60,29 @@ def describe(model: str) -> Table:
     for r in rows:
         t.add_row(*r)
     return t
+
+
+def _kind_rows(reader: CheckpointReader, manifest: dict) -> list[tuple[str, str]]:
+    """Bytes per module kind (each kind's own accounting) and the shared groups, if any."""
+    from compress.model import config_dtype, load_config
+    from compress.modules.kinds import entry_bytes, parse_entry, parse_shared, shared_key
+
+    modules = manifest.get("modules", {})
+    if not modules:
+        return []
+    dtype = config_dtype(load_config(reader))
+    per_kind: Counter[str] = Counter()
+    for name, e in modules.items():
+        entry = parse_entry(name, e)
+        per_kind[entry.kind] += entry_bytes(entry, dtype)
+    rows = [("bytes by kind", ", ".join(f"{k}: {human_bytes(v)}" for k, v in per_kind.items()))]
+    groups = parse_shared(manifest.get("shared"))
+    if groups:
+        size = sum(reader.nbytes(shared_key(g, t)) for g, spec in groups.items() for t in spec.tensors
+                   if shared_key(g, t) in reader)
+        users = sum(len(spec.users) for spec in groups.values())
+        rows.append(("shared tensors", f"{len(groups)} groups, {human_bytes(size)}, read by {users} modules"))
+    return rows
 
 
 def plan_recipe(recipe: Recipe, model: str) -> Group:

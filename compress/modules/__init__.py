@@ -1,9 +1,12 @@
-"""Runtime modules the loader swaps in for compressed linears, and the registry that maps a
-manifest entry's ``kind`` to the module that serves it."""
+"""Runtime modules the loader swaps in for compressed linears, and the registry of typed module
+kinds that maps a manifest entry's ``kind`` to its entry model and runtime module."""
 
-from compress.modules.kinds import MODULE_KINDS, build_module, register_kind
-from compress.modules.lowrank import LowRankLinear
-from compress.modules.quant_linear import QuantLinear
+from compress.modules.kinds import MODULE_KINDS, KindEntry, ModuleKind, SharedTensors, build_module, register_kind
+from compress.modules.lowrank import LowRankLinear, SharedBasisLinear
+from compress.modules.quant_linear import MixedQuantLinear, QuantLinear
 from compress.modules.sliced import SlicedEmbedding  # registers the slicegpt transform
+from compress.modules.transformed import TransformedInput
 
-__all__ = ["MODULE_KINDS", "LowRankLinear", "QuantLinear", "SlicedEmbedding", "build_module", "register_kind"]
+__all__ = ["MODULE_KINDS", "KindEntry", "LowRankLinear", "MixedQuantLinear", "ModuleKind", "QuantLinear",
+           "SharedBasisLinear", "SharedTensors", "SlicedEmbedding", "TransformedInput", "build_module",
+           "register_kind"]

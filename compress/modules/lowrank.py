@@ -11,6 +11,10 @@ It stores ``heads·r·(in + head_dim)`` numbers. The FlashSVD attention block co
 
 Checkpoint tensors: ``<name>.U``, ``<name>.V`` (and ``<name>.bias``); the manifest entry carries
 ``kind: lowrank``, the dense shape, the rank and the layout.
+
+The ``lowrank-shared`` kind (:class:`SharedBasisLinear`) reads its input basis ``U [in, r]``
+from a ``shared`` group (one basis for several linears that see the same kind of input, e.g.
+q/k/v, or one role across layers) and stores only its own ``V [r, out]`` (and bias).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from compress.modules.kinds import original_dtype, register_kind
+from typing import Literal
+
+from pydantic import Field
+
+from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
 from kernels._triton import use_triton
 from kernels.lowrank import lowrank_matmul
 
@@ -111,9 +119,73 @@ class LowRankLinear(nn.Module):
                 "rank": self.rank, "heads": self.heads, "bias": self.bias is not None}
 
 
-@register_kind("lowrank")
-def _build_lowrank(original: nn.Module, entry: dict) -> LowRankLinear:
-    dtype = original_dtype(original)
-    return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"],
-                         heads=entry.get("heads", 1), bias=entry.get("bias", False),
-                         dtype=dtype, device="meta")
+class LowRankEntry(KindEntry):
+    kind: Literal["lowrank"] = "lowrank"
+    layout: Literal["whole", "per_head"] = "whole"
+    rank: int = Field(ge=1)
+    heads: int = Field(default=1, ge=1)
+
+
+@register_kind("lowrank", LowRankEntry)
+class LowRankKind(ModuleKind[LowRankEntry]):
+    def build(self, original: nn.Module, entry: LowRankEntry, shared: SharedTensors | None) -> nn.Module:
+        return LowRankLinear(entry.in_features, entry.out_features, entry.rank, heads=entry.heads,
+                             bias=entry.bias, dtype=original_dtype(original), device="meta")
+
+    def stored_bytes(self, entry: LowRankEntry, dtype: torch.dtype) -> int:
+        n = entry.heads * entry.rank * (entry.in_features + entry.out_features // entry.heads)
+        return (n + (entry.out_features if entry.bias else 0)) * dtype_bytes(dtype)
+
+
+class SharedBasisLinear(nn.Module):
+    """``y = (x U) V + b`` with ``U [in, r]`` read from shared group ``basis`` (tensor ``U``)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, basis: str, shared: SharedTensors, *,
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.basis = in_features, out_features, rank, basis
+        object.__setattr__(self, "_shared", shared)  # not a child: its tensors are stored once
+        kw = {"dtype": dtype, "device": device}
+        self.V = nn.Parameter(torch.zeros(rank, out_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+
+    @property
+    def U(self) -> Tensor:  # noqa: N802  (the factor's name in the equations)
+        return self._shared.get(self.basis, "U")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lowrank_matmul(x, self.U.to(x.device), self.V, self.bias)
+
+    @torch.no_grad()
+    def reference_forward(self, x: Tensor) -> Tensor:
+        y = x.to(torch.float64) @ self.U.to(torch.float64) @ self.V.to(torch.float64)
+        return y if self.bias is None else y + self.bias.to(torch.float64)
+
+    def kernel_path(self, x: Tensor) -> str:
+        return ("triton lowrank" if use_triton(x) else "torch twin · lowrank") + " · shared basis"
+
+    def manifest_entry(self) -> dict:
+        return SharedBasisEntry(in_features=self.in_features, out_features=self.out_features, rank=self.rank,
+                                basis=self.basis, bias=self.bias is not None).dump()
+
+
+class SharedBasisEntry(KindEntry):
+    kind: Literal["lowrank-shared"] = "lowrank-shared"
+    rank: int = Field(ge=1)
+    #: the ``shared`` group holding ``U [in, rank]``
+    basis: str
+
+    def shared_refs(self) -> list[str]:
+        return [self.basis]
+
+
+@register_kind("lowrank-shared", SharedBasisEntry)
+class SharedBasisKind(ModuleKind[SharedBasisEntry]):
+    def build(self, original: nn.Module, entry: SharedBasisEntry, shared: SharedTensors | None) -> nn.Module:
+        assert shared is not None, "the loader attaches the shared tensors before building modules"
+        return SharedBasisLinear(entry.in_features, entry.out_features, entry.rank, entry.basis, shared,
+                                 bias=entry.bias, dtype=original_dtype(original), device="meta")
+
+    def stored_bytes(self, entry: SharedBasisEntry, dtype: torch.dtype) -> int:
+        return (entry.rank * entry.out_features + (entry.out_features if entry.bias else 0)) * dtype_bytes(dtype)

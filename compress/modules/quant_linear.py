@@ -1,8 +1,15 @@
-"""QuantLinear: a linear layer stored as packed integer codes + scales (+ zero points).
+"""The ``quant`` kind: a linear stored as packed integer codes + scales (+ zero points).
 
-Its state-dict names are the compressed-tensors ``pack-quantized`` names
-(``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``), so the same
-tensors serve our loader, ``transformers`` + ``compressed-tensors``, and vLLM.
+:class:`QuantLinear` holds one bit width; its state-dict names are the compressed-tensors
+``pack-quantized`` names (``weight_packed``, ``weight_scale``, ``weight_zero_point``,
+``weight_shape``), so the same tensors serve our loader, ``transformers`` + ``compressed-tensors``,
+and vLLM.
+
+:class:`MixedQuantLinear` holds several widths inside one linear (bit allocation): contiguous
+input-column ranges ``[start, stop)``, each a :class:`QuantLinear` of its own width under
+``<name>.segments.<i>.*``, after an optional stored input permutation (``input_perm``: the
+act-order that made the ranges contiguous). ``y = Σ_s x[..., perm][..., start_s:stop_s] · W_sᵀ + b``,
+each term served by the quant kernels.
 """
 
 from __future__ import annotations
@@ -13,9 +20,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from compress.algos.quant import QuantizedWeight
-from compress.modules.kinds import original_dtype, register_kind
-from kernels.packing import group_index, legacy_packed_len, pack_int32, packed_len, repack_legacy, unpack_int32
+from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
+from kernels.packing import (SUPPORTED_BITS, group_index, legacy_packed_len, pack_int32, packed_len, repack_legacy,
+                             unpack_int32)
 from kernels.quant_matmul import dequantize, path_label, quant_matmul
 
 
@@ -140,11 +152,195 @@ class QuantLinear(nn.Module):
                 "bias": self.bias is not None, "act_order": self.act_order, "observer": self.observer}
 
 
-@register_kind("quant")
-def _build_quant(original: nn.Module, entry: dict) -> QuantLinear:
-    dtype = original_dtype(original)
-    m = QuantLinear(entry["in_features"], entry["out_features"], entry["bits"],
-                    entry["group_size"], entry["symmetric"], entry.get("bias", False),
-                    dtype, device="meta", legacy_packing=entry.get("packing") == "legacy-v1")
-    m.act_order, m.observer = bool(entry.get("act_order", False)), entry.get("observer", "minmax")
-    return m
+class MixedQuantLinear(nn.Module):
+    """A linear whose input columns are quantised at several widths (see the module docstring).
+
+    Args:
+        segments: ``(start, stop, bits)`` covering ``[0, in_features)`` in order.
+        group_size: input columns per scale inside every segment.
+        permuted: keep an ``input_perm`` buffer (``x[..., input_perm]`` feeds the segments).
+    """
+
+    def __init__(self, in_features: int, out_features: int, segments: list[tuple[int, int, int]],
+                 group_size: int, symmetric: bool, bias: bool, scale_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, permuted: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric = group_size, symmetric
+        self.bounds = [(a, b) for a, b, _ in segments]
+        self.segments = nn.ModuleList(
+            QuantLinear(b - a, out_features, bits, min(group_size, b - a), symmetric, False, scale_dtype, device)
+            for a, b, bits in segments)
+        if permuted:
+            self.register_buffer("input_perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        else:
+            self.input_perm = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.act_order, self.observer = permuted, "minmax"
+
+    @classmethod
+    def from_quantized(cls, parts: list[QuantizedWeight], bias: Tensor | None,
+                       perm: Tensor | None = None) -> MixedQuantLinear:
+        """Pack per-segment :class:`QuantizedWeight` s (columns in segment order, i.e. already
+        permuted by ``perm`` when given) into one module."""
+        out_f = parts[0].codes.shape[0]
+        spec = parts[0].spec
+        if any((qw.spec.symmetric, qw.spec.group_size) != (spec.symmetric, spec.group_size) for qw in parts):
+            raise ValueError("every segment of a mixed-width linear needs the same symmetry and group size")
+        bounds, start = [], 0
+        for qw in parts:
+            bounds.append((start, start + qw.codes.shape[1], qw.spec.bits))
+            start += qw.codes.shape[1]
+        m = cls(start, out_f, bounds, spec.group_width(parts[0].codes.shape[1]), spec.symmetric,
+                bias is not None, parts[0].scale.dtype, permuted=perm is not None)
+        for i, qw in enumerate(parts):
+            m.segments[i] = QuantLinear.from_quantized(qw, None)
+        if perm is not None:
+            m.input_perm = perm.to(torch.int32).clone()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        m.observer = "mse" if spec.mse else "minmax"
+        return m
+
+    @property
+    def bits(self) -> list[int]:
+        return [seg.bits for seg in self.segments]
+
+    def _gather(self, x: Tensor) -> Tensor:
+        return x if self.input_perm is None else x.index_select(-1, self.input_perm.long())
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = self._gather(x)
+        y = sum(seg(xs[..., a:b]) for seg, (a, b) in zip(self.segments, self.bounds, strict=True))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense ``[out, in]`` weight in the original column order."""
+        w = torch.cat([seg.dequantized_weight(dtype) for seg in self.segments], dim=1)  # [N, K] permuted
+        if self.input_perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.input_perm.long()] = w  # column j of w multiplies x[perm[j]]
+        return out
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Float64 plain torch: each segment's slow unpack, summed (``compress validate``)."""
+        xs = self._gather(x.to(torch.float64))
+        y = sum(seg.reference_forward(xs[..., a:b]) for seg, (a, b) in zip(self.segments, self.bounds, strict=True))
+        return y if self.bias is None else y + self.bias.to(torch.float64)
+
+    def kernel_path(self, x: Tensor) -> str:
+        return f"{self.segments[0].kernel_path(x)} × {len(self.segments)} widths"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, permuted={self.input_perm is not None}")
+
+    def manifest_entry(self) -> dict:
+        segs = [QuantSegment(start=a, stop=b, bits=seg.bits)
+                for seg, (a, b) in zip(self.segments, self.bounds, strict=True)]
+        return QuantEntry(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                          group_size=self.group_size, symmetric=self.symmetric, segments=segs,
+                          permuted=self.input_perm is not None, act_order=self.act_order,
+                          observer=self.observer).dump()
+
+
+class QuantSegment(BaseModel):
+    """Input columns ``[start, stop)`` (after ``input_perm``) stored at ``bits``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+    bits: int
+
+
+class QuantEntry(KindEntry):
+    """A quantised linear: one width (``bits``) or contiguous column ranges (``segments``)."""
+
+    kind: Literal["quant"] = "quant"
+    format: Literal["pack-quantized"] = "pack-quantized"
+    bits: int | None = None
+    group_size: int = Field(ge=1)
+    symmetric: bool
+    act_order: bool = False
+    observer: str = "minmax"
+    #: ``legacy-v1``: 3-bit codes ten to a word (format-version-1 checkpoints)
+    packing: Literal["legacy-v1"] | None = None
+    segments: list[QuantSegment] | None = None
+    #: the segments read ``x[..., input_perm]`` (a stored int32 permutation)
+    permuted: bool = False
+
+    @model_validator(mode="after")
+    def _widths(self) -> QuantEntry:
+        if (self.bits is None) == (self.segments is None):
+            raise ValueError("give exactly one of bits and segments")
+        widths = [self.bits] if self.segments is None else [s.bits for s in self.segments]
+        bad = [b for b in widths if b not in SUPPORTED_BITS]
+        if bad:
+            raise ValueError(f"bits {bad[0]} is not one of {SUPPORTED_BITS}")
+        if self.segments is not None:
+            _check_segments(self.segments, self.in_features, self.group_size)
+        elif self.permuted:
+            raise ValueError("permuted applies to segments only")
+        return self
+
+    def widths(self) -> list[tuple[int, int, int]]:
+        """``(start, stop, bits)`` of every column range (one range for a single width)."""
+        if self.segments is None:
+            return [(0, self.in_features, int(self.bits))]  # type: ignore[arg-type]
+        return [(s.start, s.stop, s.bits) for s in self.segments]
+
+    def average_bits(self) -> float:
+        return sum((b - a) * bits for a, b, bits in self.widths()) / self.in_features
+
+
+def _check_segments(segments: list[QuantSegment], in_features: int, group_size: int) -> None:
+    pos = 0
+    for s in segments:
+        if s.start != pos or s.stop <= s.start:
+            raise ValueError(f"segments must cover [0, {in_features}) in order; [{s.start}, {s.stop}) "
+                             f"does not start at {pos}")
+        if group_size < in_features and s.start % group_size:
+            raise ValueError(f"segment start {s.start} is not a multiple of group_size {group_size}")
+        pos = s.stop
+    if pos != in_features:
+        raise ValueError(f"segments end at {pos}, not at in_features {in_features}")
+
+
+def _width_bytes(out_f: int, in_f: int, bits: int, group_size: int, symmetric: bool, scale_bytes: int,
+                 legacy: bool = False) -> int:
+    """Codes + scales (+ packed zero points) + ``weight_shape`` of one single-width range."""
+    plen = legacy_packed_len if legacy and 32 % bits else packed_len
+    groups = -(-in_f // min(group_size, in_f))
+    total = out_f * plen(in_f, bits) * 4 + out_f * groups * scale_bytes + 2 * 8
+    return total if symmetric else total + plen(out_f, bits) * groups * 4
+
+
+@register_kind("quant", QuantEntry)
+class QuantKind(ModuleKind[QuantEntry]):
+    def build(self, original: nn.Module, entry: QuantEntry, shared: SharedTensors | None) -> nn.Module:
+        dtype = original_dtype(original)
+        if entry.segments is not None:
+            m: nn.Module = MixedQuantLinear(entry.in_features, entry.out_features, entry.widths(), entry.group_size,
+                                            entry.symmetric, entry.bias, dtype, device="meta",
+                                            permuted=entry.permuted)
+        else:
+            m = QuantLinear(entry.in_features, entry.out_features, int(entry.bits), entry.group_size,  # type: ignore[arg-type]
+                            entry.symmetric, entry.bias, dtype, device="meta",
+                            legacy_packing=entry.packing == "legacy-v1")
+        m.act_order, m.observer = entry.act_order, entry.observer
+        return m
+
+    def stored_bytes(self, entry: QuantEntry, dtype: torch.dtype) -> int:
+        sb = dtype_bytes(dtype)
+        total = sum(_width_bytes(entry.out_features, b - a, bits, entry.group_size, entry.symmetric, sb,
+                                 entry.packing == "legacy-v1") for a, b, bits in entry.widths())
+        total += entry.out_features * sb if entry.bias else 0
+        return total + (entry.in_features * 4 if entry.permuted else 0)
+
+    def export_refusal(self, entry: QuantEntry) -> str | None:
+        if entry.segments is not None:
+            return "mixed bit widths inside one linear have no compressed-tensors format"
+        return None

@@ -262,7 +262,12 @@ class LowRankPass(Pass):
         if c.per_head and rel_name.rsplit(".", 1)[-1] in _HEAD_LINEARS:
             return None  # needs the head count, which `plan` does not pass
         r = svd.rank_for_ratio(in_features, out_features, c.ratio)
-        return None if r is None else svd.lowrank_params(in_features, out_features, r) * 4
+        if r is None:
+            return None
+        from compress.modules.kinds import entry_bytes
+        from compress.modules.lowrank import LowRankEntry
+
+        return entry_bytes(LowRankEntry(in_features=in_features, out_features=out_features, rank=r))
 
 
 _HEAD_LINEARS = ("q_proj", "k_proj", "v_proj", "query", "key", "value")

@@ -123,16 +123,15 @@ class GPTQConfig(QuantConfig):
     hessian_dtype: Literal["float64", "float32"] = Field("float64", description="Hessian accumulator dtype")
 
 
-def quant_bytes(cfg: QuantConfig, out_f: int, in_f: int, scale_bytes: int = 4) -> int:
-    """Bytes of packed codes + scales (+ packed zero points) for one [out, in] linear."""
-    from kernels.packing import packed_len
+def quant_bytes(cfg: QuantConfig, out_f: int, in_f: int, scale_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one quantised ``[out, in]`` linear stores (the ``quant`` kind's own accounting)."""
+    from compress.modules.kinds import entry_bytes
+    from compress.modules.quant_linear import QuantEntry
 
     gs = auto_group_size({in_f}) if cfg.group_size == "auto" else cfg.group_size
-    groups = 1 if gs is None else -(-in_f // gs)
-    total = out_f * packed_len(in_f, cfg.bits) * 4 + out_f * groups * scale_bytes
-    if not cfg.symmetric:
-        total += packed_len(out_f, cfg.bits) * groups * 4
-    return total
+    entry = QuantEntry(in_features=in_f, out_features=out_f, bits=cfg.bits, group_size=gs or in_f,
+                       symmetric=cfg.symmetric)
+    return entry_bytes(entry, scale_dtype)
 
 
 class _QuantPass(Pass):

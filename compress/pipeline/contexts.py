@@ -16,6 +16,7 @@ from compress.arch import Adapter
 from compress.calib.pipeline import CalibState
 from compress.calib.protocol import Protocol
 from compress.checkpoint import CheckpointReader
+from compress.modules.kinds import SharedTensors, attach_shared, model_shared, parse_entry
 from compress.report import LayerRecord
 
 
@@ -35,6 +36,32 @@ class RunContext:
     tied_head: bool = False
     #: the pass's global plan, when it declares a plan step
     plan: BaseModel | None = None
+    #: the manifest's ``shared`` groups (the input's, then those this stage adds)
+    shared: dict[str, dict] = field(default_factory=dict)
+    #: groups added by this stage (saved by a resume commit)
+    new_shared: list[str] = field(default_factory=list)
+
+    def add_shared(self, group: str, tensors: dict[str, torch.Tensor]) -> SharedTensors:
+        """Store ``tensors`` once as shared group ``group`` (``compress_shared.group.*`` in the
+        output); modules built with the returned holder read them (e.g. ``SharedBasisLinear``)."""
+        if group in self.shared:
+            raise ValueError(f"shared group {group!r} exists already")
+        holder = model_shared(self.model)
+        if holder is None:
+            holder = SharedTensors()
+            attach_shared(self.model, holder)
+        holder.add_group(group, {k: v.detach().contiguous() for k, v in tensors.items()})
+        self.shared[group] = holder.spec(group).model_dump()
+        self.new_shared.append(group)
+        return holder
+
+    def shared_section(self) -> dict[str, dict]:
+        """The ``shared`` section of the output's manifest: each group with the modules reading it."""
+        users: dict[str, list[str]] = {g: [] for g in self.shared}
+        for name, entry in self.modules.items():
+            for g in parse_entry(name, entry).shared_refs():
+                users.setdefault(g, []).append(name)
+        return {g: dict(spec, users=sorted(users.get(g, []))) for g, spec in self.shared.items()}
 
 
 @dataclass

@@ -18,8 +18,9 @@ from compress._memory import trim
 from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
 from compress.checkpoint import CheckpointWriter
 from compress.errors import CompressError
+from compress.modules.kinds import model_shared
 from compress.model import (
-    build_skeleton, get_module, materialize, reader_manifest, release, state_dict_of, tie_head)
+    build_skeleton, get_module, materialize, materialize_shared, reader_manifest, release, state_dict_of, tie_head)
 from compress.pipeline import resume as resume_io
 from compress.pipeline.contexts import Calibration, RunContext
 from compress.pipeline.pass_api import Needs, Pass
@@ -55,6 +56,7 @@ class Stream:
         """Load the embeddings, catch block 0's calibration inputs when something will read them,
         scan + plan when the pass has a plan step, let the pass begin, write the embeddings."""
         run = self.run
+        materialize_shared(run.model, run.reader)  # any block's modules may read them
         for path in run.adapter.embeddings:
             materialize(get_module(run.model, path), f"{path}.", run.reader)
         self.missing = set(self.stats.missing()) if self.stats is not None else set()
@@ -106,7 +108,9 @@ class Stream:
         """Blocks ``0..upto-1`` of the dense input model, each materialised from the input shards
         into a fresh skeleton (the run's own blocks may already be compressed), then freed."""
         run = self.run
-        dense = get_module(build_skeleton(run.reader, run.adapter, reader_manifest(run.reader)), run.adapter.layers)
+        skeleton = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
+        materialize_shared(skeleton, run.reader)
+        dense = get_module(skeleton, run.adapter.layers)
         for i in range(upto):
             prefix = run.adapter.layer_prefix(i)
             materialize(dense[i], prefix, run.reader)
@@ -178,6 +182,7 @@ class Stream:
         (an evicted or corrupt statistic in the middle of a run)."""
         run = self.run
         model = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
+        materialize_shared(model, run.reader)
         for path in run.adapter.embeddings:
             materialize(get_module(model, path), f"{path}.", run.reader)
         assert self.calib is not None
@@ -199,8 +204,12 @@ class Stream:
         carry_t, carry_j = resume_io.split_carry(self.the_pass.carry_state())
         if carry_t:
             tensors["carry"] = carry_t
+        holder = model_shared(run.model)
+        if run.new_shared and holder is not None:  # groups this stage added (small, written at the tail)
+            tensors["shared"] = {f"{g}.{t}": b for g in run.new_shared for t, b in holder.get_submodule(g).named_buffers()}
         point = {"blocks_done": blocks_done, "writer": self.writer.snapshot(), "modules": run.modules,
                  "transforms": run.transforms, "notes": run.notes, "carry": carry_j,
+                 "shared": run.shared, "new_shared": run.new_shared,
                  "records": [r.model_dump() for r in run.records],
                  "generation": (self.point or {}).get("generation", 0)}
         resume_io.save_point(self.writer.partial, self.identity, point, tensors)
@@ -215,6 +224,11 @@ class Stream:
         run.transforms = list(point["transforms"])
         run.notes = dict(point["notes"])
         run.records = [LayerRecord(**r) for r in point["records"]]
+        saved = resume_io.load_tensors(partial, point, "shared")
+        for g in point.get("new_shared", []):
+            prefix = f"{g}."
+            run.add_shared(g, {k[len(prefix):]: t for k, t in saved.items() if k.startswith(prefix)})
+        run.shared = dict(point.get("shared", run.shared))
         self.the_pass.restore_carry({**point.get("carry", {}), **resume_io.load_tensors(partial, point, "carry")})
         rng = resume_io.load_tensors(partial, point, "rng")
         if "cpu" in rng:
@@ -257,10 +271,15 @@ def _load_hidden(state: CalibState, hidden: torch.Tensor) -> None:
 
 
 def record_modules(run: RunContext, root: nn.Module, prefix: str) -> None:
-    """Copy every compressed module's manifest entry (``manifest_entry()``) into the run."""
+    """Copy every compressed module's manifest entry (``manifest_entry()``) into the run (the
+    outermost one only: a mixed-width linear's segments belong to its entry)."""
+    recorded: list[str] = []
     for name, mod in root.named_modules():
+        if any(name.startswith(r + ".") for r in recorded):
+            continue
         if hasattr(mod, "manifest_entry"):
             run.modules[prefix + name] = mod.manifest_entry()
+            recorded.append(name)
 
 
 def tail_paths(model: nn.Module, adapter: object) -> list[str]:
