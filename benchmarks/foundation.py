@@ -12,7 +12,11 @@
   search (``--no-mse``: the port changed the pipeline around the solver, not the solver, and
   the grid search triples the run time); MiniLM runs the defaults.
 
-    python benchmarks/foundation.py --sections cache resume regression
+* ``plan``: ``compress plan``'s estimates (bytes on disk, peak RSS) against real runs of GPTQ
+  W4 g64, lowrank 0.8 (whitened), SliceGPT 25 % and SliceGPT 25 % → GPTQ W4 g64 on the brown-512
+  calibration; real bytes are the output's tensors, real peak the process's VmHWM.
+
+    python benchmarks/foundation.py --sections cache resume regression plan
 """
 
 from __future__ import annotations
@@ -181,10 +185,54 @@ def regression_section(work: Path) -> dict:
     return {"reference": REFERENCE, "rows": rows}
 
 
+# -- plan --------------------------------------------------------------------------------------
+PLAN_CASES = {
+    "gptq W4 g64": [{"pass": "gptq", "config": {"bits": 4, "group_size": 64}}],
+    "lowrank 0.8": [{"pass": "lowrank", "config": {"ratio": 0.8}}],
+    "slicegpt 25 %": [{"pass": "slicegpt", "config": {"sparsity": 0.25}}],
+    "slicegpt 25 % → gptq W4 g64": [{"pass": "slicegpt", "config": {"sparsity": 0.25}},
+                                    {"pass": "gptq", "config": {"bits": 4, "group_size": 64}}],
+}
+
+
+def plan_section(model: Path, work: Path) -> dict:
+    """Per case: the plan's estimates (library call, as ``compress plan`` prints them) and one
+    real ``compress run`` of the same recipe in a fresh process."""
+    import yaml
+
+    from compress.arch import get_adapter
+    from compress.recipe import parse_recipe
+    from compress.summary import stage_estimates
+
+    env = {"COMPRESS_CACHE": str(work / "cache-plan")}
+    reader = CheckpointReader(model)
+    rows = []
+    for name, stages in PLAN_CASES.items():
+        raw = {"calibration": {"protocol": "brown-512"}, "stages": stages}
+        recipe_file = work / f"plan-{len(rows)}.yaml"
+        recipe_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+        est = stage_estimates(parse_recipe(raw), reader, get_adapter(reader.config))
+        top = max(est, key=lambda e: e.peak.peak)
+        out = work / f"plan-out-{len(rows)}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work / "cache-plan", ignore_errors=True)  # every case computes its statistics
+        real = _run(["run", str(recipe_file), str(model), "-o", str(out)], env, work / f"plan-{len(rows)}.log")
+        real_bytes = CheckpointReader(out).total_bytes()
+        rows.append({"case": name, "protocol": "brown-512",
+                     "planned_bytes": est[-1].bytes, "real_bytes": real_bytes,
+                     "bytes_ratio": round(est[-1].bytes / real_bytes, 4),
+                     "planned_peak_rss_bytes": top.peak.peak, "planned_phase": top.peak.phase,
+                     "planned_terms": top.peak.terms, "real_peak_rss_bytes": real["peak_rss_bytes"],
+                     "rss_ratio": round(top.peak.peak / real["peak_rss_bytes"], 4), "wall_s": real["wall_s"]})
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return {"model": SMOLLM2_LABEL, "goals": {"bytes": 0.05, "peak_rss": 0.25}, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", nargs="+", default=["cache", "resume", "regression"],
-                    choices=["cache", "resume", "regression"])
+    ap.add_argument("--sections", nargs="+", default=["cache", "resume", "regression", "plan"],
+                    choices=["cache", "resume", "regression", "plan"])
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="compress-foundation-"))
@@ -197,9 +245,12 @@ def main() -> None:
             out["cache_reuse"] = cache_section(model, work)
         elif section == "resume":
             out["resume"] = resume_section(model, work)
+        elif section == "plan":
+            out["plan_truth"] = plan_section(model, work)
         else:
             out["port_regression"] = regression_section(work)
-        key = {"cache": "cache_reuse", "resume": "resume", "regression": "port_regression"}[section]
+        key = {"cache": "cache_reuse", "resume": "resume", "regression": "port_regression",
+               "plan": "plan_truth"}[section]
         out[key]["machine"] = machine()
         out[key]["section_wall_s"] = round(time.perf_counter() - t0, 1)
         out.setdefault("commands", {})[key] = f"python benchmarks/foundation.py --sections {section}"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Group
@@ -13,18 +13,17 @@ from rich.text import Text
 
 from compress.arch import Adapter, get_adapter
 from compress.assets import resolve_model
+from compress.calib.corpus import corpus_bytes
 from compress.calib.protocol import corpus_protocol_name
 from compress.checkpoint import CheckpointReader
 from compress.model import reader_manifest
+from compress.pipeline.memory import PeakEstimate, memory_shape, stage_peak
 from compress.pipeline.pass_api import PassConfig
 from compress.pipeline.shapes import ShapePlan
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec, get_pass
 from compress.runner import make_protocol, stored_plan
 from compress.units import human_bytes
-
-RUNTIME_BYTES = 450 * 1024**2  # torch + transformers imported, measured on CPU (order of magnitude)
-
 
 def _tensor_bytes(reader: CheckpointReader, key: str) -> int:
     return reader.nbytes(key)
@@ -97,15 +96,23 @@ def plan_recipe(recipe: Recipe, model: str) -> Group:
     stages.add_column("calibration", overflow="fold")
     stages.add_column("options (* = set by the recipe)", overflow="fold")
     total_in = reader.total_bytes()
-    sizes = stage_bytes(recipe, reader, adapter, stages)
-    total_out = sizes[-1]
-    mem = _peak_memory(reader, adapter, recipe)
+    estimates = stage_estimates(recipe, reader, adapter, stages)
     est = Table(title="estimates")
     est.add_column("quantity")
     est.add_column("size", justify="right", no_wrap=True)
-    per_stage = [(f"after stage {i} ({st.pass_name}) (estimate)", b)
-                 for i, (st, b) in enumerate(zip(recipe.stages[:-1], sizes[:-1], strict=True))]
-    for k, v in [("input on disk", total_in), *per_stage, ("output on disk (estimate)", total_out), *mem.items()]:
+    last = len(estimates) - 1
+    rows = [("input on disk", total_in)]
+    for i, (st, e) in enumerate(zip(recipe.stages, estimates, strict=True)):
+        rows.append(("output on disk (estimate)" if i == last else f"after stage {i} ({st.pass_name}) (estimate)",
+                     e.bytes))
+    if len(estimates) > 1:
+        rows += [(f"peak memory of stage {i} ({st.pass_name})", e.peak.peak)
+                 for i, (st, e) in enumerate(zip(recipe.stages, estimates, strict=True))]
+    top = max(range(len(estimates)), key=lambda i: estimates[i].peak.peak)
+    where = f"stage {top}: {estimates[top].peak.phase}" if len(estimates) > 1 else estimates[top].peak.phase
+    rows += [(f"  {k}", v) for k, v in estimates[top].peak.terms.items()]
+    rows.append((f"peak memory (estimate; {where})", estimates[top].peak.peak))
+    for k, v in rows:
         est.add_row(k, human_bytes(v))
     return Group(stages, est, *_stored_plan_lines(recipe, Path(reader.path)))
 
@@ -124,12 +131,21 @@ def _stored_plan_lines(recipe: Recipe, src: Path) -> list[Text]:
             Text(json.dumps(plan.model_dump(mode="json"), indent=1))]
 
 
-def stage_bytes(recipe: Recipe, reader: CheckpointReader, adapter: Adapter, table: Table | None = None) -> list[int]:
-    """Estimated bytes on disk after each stage: every stage is resolved against, and estimated
-    on, the shapes the stage before it leaves (:class:`ShapePlan`). With ``table`` each stage's
-    effective options are added to it as a row."""
+@dataclass(frozen=True)
+class StageEstimate:
+    """What ``plan`` predicts for one stage: the bytes on disk it leaves and its peak memory."""
+
+    bytes: int
+    peak: PeakEstimate
+
+
+def stage_estimates(recipe: Recipe, reader: CheckpointReader, adapter: Adapter,
+                    table: Table | None = None) -> list[StageEstimate]:
+    """Every stage resolved against, and estimated on, the shapes the stage before it leaves
+    (:class:`ShapePlan`): its peak memory on its input's shapes, then the bytes it writes. With
+    ``table`` each stage's effective options are added to it as a row."""
     plan = ShapePlan.of(reader, adapter)
-    sizes = []
+    out = []
     for i, st in enumerate(recipe.stages):
         spec = get_pass(st.pass_name)
         the_pass = spec.pass_cls(st.config)
@@ -137,9 +153,18 @@ def stage_bytes(recipe: Recipe, reader: CheckpointReader, adapter: Adapter, tabl
         if table is not None:
             table.add_row(str(i), spec.name, _calibration_cell(spec, st.config, recipe.calibration),
                           _options_cell(st.config, the_pass.config))
+        protocol = make_protocol(recipe.calibration) if spec.calibrates(st.config) else None
+        shape = memory_shape(plan, reader, adapter, protocol, recipe.calibration.batch_size,
+                             corpus_bytes(recipe.calibration.data) if protocol is not None else 0)
+        peak = stage_peak(shape, the_pass.plan_memory(shape), plan.tied_head)
         the_pass.plan_shapes(plan, adapter)
-        sizes.append(plan.total_bytes())
-    return sizes
+        out.append(StageEstimate(plan.total_bytes(), peak))
+    return out
+
+
+def stage_bytes(recipe: Recipe, reader: CheckpointReader, adapter: Adapter) -> list[int]:
+    """Estimated bytes on disk after each stage (:func:`stage_estimates`)."""
+    return [e.bytes for e in stage_estimates(recipe, reader, adapter)]
 
 
 def _calibration_cell(spec: PassSpec, config: PassConfig, cal: CalibrationConfig) -> str:
@@ -177,22 +202,3 @@ def _fmt(value: object) -> str:
     if isinstance(value, dict):
         return f"{{{len(value)} entries}}"
     return str(value)
-
-
-def _peak_memory(reader: CheckpointReader, adapter: Adapter, recipe: Recipe) -> dict[str, int]:
-    cfg = reader.config
-    block = max((sum(_tensor_bytes(reader, k) for k in reader.keys()
-                     if k.startswith(adapter.layer_prefix(i)))
-                 for i in range(int(cfg.get("num_hidden_layers", 0)))), default=0)
-    emb = sum(_tensor_bytes(reader, k) for k in reader.keys()
-              if k.startswith(tuple(e + "." for e in adapter.embeddings)))
-    calib = any(get_pass(s.pass_name).calibrates(s.config) for s in recipe.stages)
-    proto = make_protocol(recipe.calibration)
-    hidden = int(cfg.get("hidden_size", 0))
-    inter = int(cfg.get("intermediate_size", hidden))
-    acts = proto.n_calib * proto.seq_len * hidden * 4 if calib else 0
-    hess = (3 * hidden * hidden + inter * inter) * 8 if calib else 0
-    out = {"largest block": block, "embeddings": emb, "calibration activations": acts,
-           "Gram matrices (float64)": hess, "runtime (torch + transformers)": RUNTIME_BYTES}
-    out["peak memory (estimate)"] = sum(out.values())
-    return out

@@ -75,6 +75,18 @@ def read_lines(path: str | Path) -> list[str]:
     return lines
 
 
+def corpus_bytes(data: str | None) -> int:
+    """Size on disk of the corpus named ``data`` (0 when it cannot be read: the run says why)."""
+    if data in (None, "brown"):
+        from compress.assets import brown_corpus_path
+
+        data = str(brown_corpus_path())
+    try:
+        return Path(data).stat().st_size
+    except OSError:
+        return 0
+
+
 def load_corpus(data: str | None) -> tuple[list[str], str]:
     """Lines of the corpus named ``data`` (``None``/``"brown"`` or a path) and a source label."""
     if data in (None, "brown"):

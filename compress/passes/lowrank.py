@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from compress.algos import svd
 from compress.errors import CompressError
 from compress.modules.lowrank import LowRankLinear
+from compress.pipeline.memory import MemoryShape
 from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic, read_data_file
 from compress.pipeline.stats import group_first, input_gram_statistic, input_grams
 from compress.registry import register_pass
@@ -149,6 +150,16 @@ class LowRankPass(Pass):
 
     def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
         return input_grams(ctx, "float64")
+
+    def plan_memory(self, shape: MemoryShape) -> dict[str, int]:
+        """Whitened: the Grams of one block and, for the widest input, its whitening factor and
+        inverse; every factorisation: the float64 SVD of the widest weight (A, U, S, Vᵀ)."""
+        out, in_f = shape.widest_linear
+        terms = {"SVD workspace (float64)": (3 * out * in_f + in_f * in_f) * 8}
+        if self.config.whiten:
+            widest_in = max(shape.gram_inputs, default=in_f)
+            terms["Gram matrices of one block + whitening"] = shape.gram_bytes + 2 * widest_in * widest_in * 8
+        return terms
 
     def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
         names = [n for n in ctx.adapter.linears if self.config.selects(n)

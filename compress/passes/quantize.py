@@ -16,6 +16,7 @@ from compress.algos.quant import QuantizedWeight, QuantSpec, rtn_quantize, split
 from compress.calib.pipeline import LayerContext
 from compress.calib.staged import run_staged, supports_staged
 from compress.modules.quant_linear import QuantLinear
+from compress.pipeline.memory import MemoryShape
 from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
 from compress.pipeline.stats import group_first, input_gram_statistic, input_grams
 from compress.registry import register_pass
@@ -247,6 +248,19 @@ class GPTQPass(_QuantPass):
 
     def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
         return input_grams(ctx, self.config.hessian_dtype)
+
+    def plan_memory(self, shape: MemoryShape) -> dict[str, int]:
+        """The Hessians of one block, the solver's copies of the widest weight (W, its
+        quantised twin, the error block, the grid) and of the widest Hessian (H and its inverse
+        Cholesky factor); true-sequential stages keep a second activation buffer."""
+        elem = 8 if self.config.hessian_dtype == "float64" else 4
+        widest_in = max(shape.gram_inputs, default=shape.widest_linear[1])
+        out, in_f = shape.widest_linear
+        terms = {"Hessians of one block": shape.gram_bytes * elem // 8,
+                 "GPTQ solver workspace": 8 * out * in_f * 4 + 2 * widest_in * widest_in * 8}
+        if self.config.sequential == "true" and self.config.propagate == "quantized":
+            terms["mid-block activations (true-sequential stages)"] = shape.activation_bytes
+        return terms
 
     def process_layer(self, ctx: LayerContext, run: object) -> list[LayerRecord]:
         ctx.hessian_dtype = getattr(torch, self.config.hessian_dtype)

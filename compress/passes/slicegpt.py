@@ -47,6 +47,7 @@ from compress.modules.sliced import (
     ProjectedRMSNorm, SlicedEmbedding, block_linears, block_paths, make_sliced_block, norm_eps, set_linear,
     set_norm, set_shortcut)
 from compress.pipeline.pass_api import Pass, PassConfig, read_data_file
+from compress.pipeline.memory import MemoryShape
 from compress.pipeline.shapes import ShapePlan
 from compress.registry import register_pass
 from compress.report import LayerRecord
@@ -256,6 +257,13 @@ class SliceGPTPass(Pass):
             return _Point(None, width)
         dropped = p.dropped(width) if self.config.compensate_norms else 0.0
         return _Point(basis_of(p, width), width, p.kept(width), dropped)
+
+    def plan_memory(self, shape: MemoryShape) -> dict[str, int]:
+        """The residual's second moments and their eigendecomposition (float64, ``D × D``: sum,
+        mean, eigenvectors, the projected copy) and the rotated weights and shortcuts of a block."""
+        d = shape.hidden
+        return {"residual covariance + PCA (float64)": 5 * d * d * 8,
+                "rotated weights + shortcuts": shape.block_bytes + 2 * d * d * shape.elem}
 
     # -- blocks ----------------------------------------------------------------------------
     def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:

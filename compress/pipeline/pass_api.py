@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from compress.arch import Adapter
     from compress.calib.pipeline import LayerContext
     from compress.pipeline.contexts import RunContext
+    from compress.pipeline.memory import MemoryShape
     from compress.pipeline.shapes import ShapePlan
     from compress.pipeline.stats import BlockStats
     from compress.report import LayerRecord
@@ -159,6 +160,12 @@ class Pass(ABC):
             if est is not None:
                 plan.linear_bytes[name] = est
                 plan.compressed.add(name)
+
+    def plan_memory(self, shape: MemoryShape) -> dict[str, int]:
+        """Bytes this pass holds while it processes the largest block, beyond the block, one
+        activation buffer and one batch's forward (which ``plan`` always counts): its statistics,
+        solver or SVD workspace, extra activation buffers. Named terms, shown by ``compress plan``."""
+        return {}
 
     def finish(self, run: RunContext) -> None:
         """Called once, after the last block (final norm and head materialised)."""
