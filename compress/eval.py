@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from compress.arch import get_adapter
 from compress.calib.corpus import load_corpus
+from compress.calib.token_cache import cached_token_ids
 from compress.calib.protocol import (
     corpus_protocol_name, eval_windows, get_protocol, split_lines, tokenize_joined)
 from compress.checkpoint import CheckpointReader
@@ -62,13 +63,15 @@ class EvalResult:
 
 
 def eval_token_windows(model_dir: Path, protocol: str, data: str | None) -> Tensor:
+    """The protocol's evaluation windows of the test split, tokenised by the model's tokenizer
+    (the ids come from the work store when an earlier run tokenised the same split)."""
     from transformers import AutoTokenizer
 
     proto = get_protocol(protocol)
     lines, _ = load_corpus(data)
     _, test = split_lines(lines, proto)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return eval_windows(tokenize_joined(tok, test), proto)
+    ids = cached_token_ids(model_dir, test, lambda: tokenize_joined(AutoTokenizer.from_pretrained(model_dir), test))
+    return eval_windows(ids, proto)
 
 
 @torch.no_grad()

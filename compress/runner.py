@@ -19,6 +19,7 @@ from torch import nn
 from compress._memory import bound_allocator, trim
 from compress.arch import Adapter, get_adapter
 from compress.calib.corpus import load_corpus
+from compress.calib.token_cache import cached_token_ids
 from compress.calib.protocol import (
     Protocol, calibration_windows, corpus_protocol_name, fingerprint, get_protocol, split_lines,
     tokenize_joined)
@@ -52,10 +53,9 @@ def make_protocol(cal: CalibrationConfig) -> Protocol:
     return proto
 
 
-def load_calibration(src: Path, cal: CalibrationConfig, config: dict) -> Calibration:
-    """Calibration windows of ``cal`` tokenised with the checkpoint's own tokenizer."""
-    from transformers import AutoTokenizer
-
+def load_calibration(src: Path, cal: CalibrationConfig, config: dict, cache: bool = True) -> Calibration:
+    """Calibration windows of ``cal`` tokenised with the checkpoint's own tokenizer (the ids of
+    the split come from the work store when an earlier run tokenised the same text; ``cache``)."""
     proto = make_protocol(cal)
     named = corpus_protocol_name(proto.name, cal.data)  # other text: not a brown name
     if named != proto.name:
@@ -68,13 +68,20 @@ def load_calibration(src: Path, cal: CalibrationConfig, config: dict) -> Calibra
     calib_lines, _ = split_lines(lines, proto)
     if not calib_lines:
         raise CompressError("the corpus has no calibration lines", "use a longer corpus")
+    ids = cached_token_ids(src, calib_lines, lambda: tokenize_joined(load_tokenizer(src), calib_lines), cache=cache)
+    windows = calibration_windows(ids, proto)
+    return Calibration(windows, proto, fingerprint(windows, proto, source), source)
+
+
+def load_tokenizer(src: Path) -> object:
+    """The checkpoint's own tokenizer; one-line refusal when it has none."""
+    from transformers import AutoTokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise CompressError(f"{src} has no usable tokenizer ({type(e).__name__})",
                             "copy the tokenizer files into the checkpoint directory") from None
-    windows = calibration_windows(tokenize_joined(tok, calib_lines), proto)
-    return Calibration(windows, proto, fingerprint(windows, proto, source), source)
 
 
 def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = False, force: bool = False,
@@ -189,7 +196,7 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
     """One stage: scan, plan and apply the pass over ``src`` into ``out`` (see
     :mod:`compress.pipeline.stream`); ``resume`` continues from ``OUT.partial``'s last commit."""
     torch.manual_seed(recipe.seed)
-    st = _prepare(recipe, index, src)
+    st = _prepare(recipe, index, src, cache)
     the_pass, needs, reader, adapter, in_manifest, model, calib = (
         st.the_pass, st.needs, st.reader, st.adapter, st.in_manifest, st.model, st.calib)
     trim()  # the corpus text and tokenizer buffers are garbage now
@@ -268,7 +275,7 @@ class _Prepared:
     calib: Calibration | None
 
 
-def _prepare(recipe: Recipe, index: int, src: Path) -> _Prepared:
+def _prepare(recipe: Recipe, index: int, src: Path, cache: bool = True) -> _Prepared:
     stage = recipe.stages[index]
     spec = get_pass(stage.pass_name)
     the_pass = spec.pass_cls(stage.config)
@@ -277,7 +284,7 @@ def _prepare(recipe: Recipe, index: int, src: Path) -> _Prepared:
     in_manifest = reader_manifest(reader)
     model = build_skeleton(reader, adapter, in_manifest)
     the_pass.resolve(block_linears(model, adapter))
-    calib = load_calibration(src, recipe.calibration, reader.config) if spec.calibrates(stage.config) else None
+    calib = load_calibration(src, recipe.calibration, reader.config, cache) if spec.calibrates(stage.config) else None
     return _Prepared(the_pass, the_pass.needs(), reader, adapter, in_manifest, model, calib)
 
 

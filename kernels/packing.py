@@ -23,6 +23,7 @@ zero is 0 for symmetric weights.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,13 @@ def unpack_stream(words: Tensor, bits: int, n: int) -> Tensor:
 
     ``n`` may exceed the codes the words hold: the missing ones read as 0 (padding).
     """
+    if 32 % bits == 0:
+        return _unpack_aligned(words, bits, n)
+    return _unpack_periods(words, bits, n)
+
+
+def _unpack_periods(words: Tensor, bits: int, n: int) -> Tensor:
+    """:func:`unpack_stream` for any width, one code position of a period at a time."""
     p = period(bits)
     rows, n_words = words.shape
     n_periods = max(math.ceil(n_words / p.words), math.ceil(n / p.codes))
@@ -139,6 +147,20 @@ def unpack_stream(words: Tensor, bits: int, n: int) -> Tensor:
     for j in range(p.codes):
         planes.append(code_plane(ext[:, :, p.word(j)], ext[:, :, p.word(j) + 1], p, j))
     codes = torch.stack(planes, dim=2).reshape(rows, -1)  # [rows, periods * codes]
+    return codes[:, :n]
+
+
+def _unpack_aligned(words: Tensor, bits: int, n: int) -> Tensor:
+    """:func:`unpack_stream` for 2, 4 and 8 bits, where no code straddles a word: one shift and
+    mask over every word at once (8 bits on a little-endian host: the words' bytes are the codes)."""
+    rows, n_words = words.shape
+    if bits == 8 and sys.byteorder == "little":
+        codes = words.reshape(-1).view(torch.uint8).to(torch.int32).view(rows, -1)  # [rows, words] -> [rows, 4 · words]
+    else:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        codes = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)  # [rows, words · 32/bits]
+    if codes.shape[1] < n:  # codes past the stream read as padding
+        codes = torch.nn.functional.pad(codes, (0, n - codes.shape[1]))
     return codes[:, :n]
 
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
+CI_GPTQ = ROOT / "recipes" / "ci" / "gptq-w4g64-smoke.yaml"
+
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
@@ -15,11 +18,19 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_w4(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """GPTQ W4 g64 (act-order) on the smoke protocol, shared by several e2e tests."""
-    from compress.recipe import parse_recipe
+def smollm2_w4_gated(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """The CI recipe (GPTQ W4 g64 act-order, brown-512-smoke) run once, and its gate check (the
+    evaluation ``compress.run`` makes), shared by every e2e test of the int4 model."""
+    from compress.gates import check_gates
+    from compress.recipe import load_recipe
     from compress.runner import run_recipe
 
-    rec = parse_recipe({"calibration": {"protocol": "brown-512-smoke"},
-                        "stages": [{"pass": "gptq", "config": {"bits": 4, "group_size": 64, "act_order": True}}]})
-    return run_recipe(rec, smollm2, tmp_path_factory.mktemp("e2e") / "w4")
+    recipe = load_recipe(CI_GPTQ)
+    out = run_recipe(recipe, smollm2, tmp_path_factory.mktemp("e2e") / "w4")
+    assert recipe.gates is not None
+    return out, check_gates(recipe.gates, out, smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_w4(smollm2_w4_gated: tuple[Path, object]) -> Path:
+    return smollm2_w4_gated[0]
