@@ -1,7 +1,7 @@
 """Markdown tables for BENCHMARKS.md, printed from the results JSON (never typed in by hand).
 
 Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e | depth | cache-reuse |
-       resume | port-regression
+       resume | port-regression | plan-truth
 """
 
 from __future__ import annotations
@@ -150,9 +150,28 @@ def port_regression() -> str:
     return "\n".join(lines)
 
 
+def plan_truth() -> str:
+    """``compress plan``'s bytes and peak RSS vs one real run of the same recipe."""
+    d = _foundation("plan_truth")
+    head = ["| recipe | planned bytes | real bytes | ratio | planned peak RSS (phase) | real peak RSS | ratio |",
+            "|---|---|---|---|---|---|---|"]
+    if d is None:
+        return "\n".join([*head, "| — | not measured | — | — | — | — | — |"])
+    lines = list(head)
+    for r in d["rows"]:
+        lines.append(f"| {r['case']} | {_gb(r['planned_bytes'])} | {_gb(r['real_bytes'])} | **{r['bytes_ratio']:.3f}** | "
+                     f"{_gb(r['planned_peak_rss_bytes'])} ({r['planned_phase']}) | {_gb(r['real_peak_rss_bytes'])} | "
+                     f"**{r['rss_ratio']:.3f}** |")
+    m, g = d["machine"], d["goals"]
+    lines += ["", f"Goals: bytes within {g['bytes']:.0%}, peak RSS within {g['peak_rss']:.0%}. "
+                  f"{d['rows'][0]['protocol']}, {m['date']}, {m['cpu']}, {m['cores']} cores."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
-             "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression}
+             "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
+             "plan-truth": plan_truth}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

@@ -282,6 +282,7 @@ def _prepare(recipe: Recipe, index: int, src: Path, cache: bool = True) -> _Prep
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
     in_manifest = reader_manifest(reader)
+    the_pass.check_input(adapter, in_manifest)
     model = build_skeleton(reader, adapter, in_manifest)
     the_pass.resolve(block_linears(model, adapter))
     calib = load_calibration(src, recipe.calibration, reader.config, cache) if spec.calibrates(stage.config) else None

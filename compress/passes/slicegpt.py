@@ -206,8 +206,10 @@ class SliceGPTPass(Pass):
             time_s=time.perf_counter() - t0, bytes=table.numel() * table.element_size(), params=table.numel(),
             extra={"width": d0, "stored_width": stored, "explained_variance": self._current.kept}))
 
-    def _check(self, run: RunContext) -> None:
-        a = run.adapter
+    def check_input(self, adapter: Adapter, manifest: dict) -> None:
+        """A pre-norm RMSNorm decoder with a final norm and a head, not sliced yet, with no
+        compressed module (a rotation cannot pass through codes or factors)."""
+        a = adapter
         if not a.pre_norm:
             raise CompressError(f"{a.name} blocks are post-norm (the norm follows the residual add), so "
                                 "rotating the residual stream would change the function",
@@ -215,12 +217,16 @@ class SliceGPTPass(Pass):
         if a.norm_kind != "rms" or a.final_norm is None or a.head is None:
             raise CompressError(f"slicegpt supports RMSNorm decoders with a final norm and a head; "
                                 f"{a.name} is not one", "use a llama-family checkpoint")
-        if any(t.get("kind") == "slicegpt" for t in run.transforms):
+        if any(t.get("kind") == "slicegpt" for t in manifest.get("transforms", [])):
             raise CompressError("this checkpoint is already sliced", "slice the original checkpoint instead")
-        if run.modules:
-            kinds = sorted({str(e.get("kind")) for e in run.modules.values()})
+        modules = manifest.get("modules", {})
+        if modules:
+            kinds = sorted({str(e.get("kind")) for e in modules.values()})
             raise CompressError(f"the checkpoint has compressed modules ({', '.join(kinds)}) that cannot be rotated",
                                 "run slicegpt before quantisation or factorisation stages")
+
+    def _check(self, run: RunContext) -> None:
+        self.check_input(run.adapter, {"transforms": run.transforms, "modules": run.modules})
         if run.state is None:
             raise CompressError("slicegpt needs calibration data", "give a calibration protocol")
 

@@ -109,6 +109,11 @@ class Pass(ABC):
         as (block-relative name, out_features, in_features): a pass fixes options that depend on
         the model's shapes here (e.g. ``group_size: auto``)."""
 
+    def check_input(self, adapter: Adapter, manifest: dict) -> None:
+        """Refuse an input this pass cannot compress (its architecture, the representations and
+        transforms its ``compression.json`` records) with a :class:`CompressError`, before any
+        calibration work. Default: every input."""
+
     def needs(self) -> Needs:
         """What the runner must schedule for this pass with its config (default: apply only)."""
         return Needs()
