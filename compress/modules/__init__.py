@@ -3,10 +3,12 @@ kinds that maps a manifest entry's ``kind`` to its entry model and runtime modul
 
 from compress.modules.kinds import MODULE_KINDS, KindEntry, ModuleKind, SharedTensors, build_module, register_kind
 from compress.modules.lowrank import LowRankLinear, SharedBasisLinear
+from compress.modules.lut_linear import LutLinear
+from compress.modules.pruned import PrunedLinear
 from compress.modules.quant_linear import MixedQuantLinear, QuantLinear
 from compress.modules.sliced import SlicedEmbedding  # registers the slicegpt transform
 from compress.modules.transformed import TransformedInput
 
-__all__ = ["MODULE_KINDS", "KindEntry", "LowRankLinear", "MixedQuantLinear", "ModuleKind", "QuantLinear",
-           "SharedBasisLinear", "SharedTensors", "SlicedEmbedding", "TransformedInput", "build_module",
+__all__ = ["MODULE_KINDS", "KindEntry", "LowRankLinear", "LutLinear", "MixedQuantLinear", "ModuleKind",
+           "PrunedLinear", "QuantLinear", "SharedBasisLinear", "SharedTensors", "SlicedEmbedding", "TransformedInput", "build_module",
            "register_kind"]
