@@ -9,20 +9,19 @@ by :func:`kernels.quant_matmul.lut_matmul` (Triton on GPU, its torch twin on CPU
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from compress.modules.protocol import DecodedWeightCache
 from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
 from kernels.packing import SUPPORTED_BITS, group_index, pack_int32, packed_len, unpack_stream
 from kernels.quant_matmul import lut_dequantize, lut_matmul, path_label
 
 
-class LutLinear(nn.Module):
+class LutLinear(DecodedWeightCache, nn.Module):
     """``y = x · (codebook[idx] · scale)ᵀ + b``.
 
     Args:
@@ -44,7 +43,6 @@ class LutLinear(nn.Module):
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device),
                                  requires_grad=False) if bias else None
-        self._dense: Tensor | None = None  # set only inside calibration_cache()
 
     @classmethod
     def from_indices(cls, indices: Tensor, codebook: Tensor, scale: Tensor, group_size: int,
@@ -71,18 +69,10 @@ class LutLinear(nn.Module):
                               group_size=self.group_size, in_features=self.in_features,
                               dtype=dtype or self.weight_scale.dtype)
 
-    @contextlib.contextmanager
-    def calibration_cache(self) -> Iterator[None]:
-        """Serve from the decoded weight while calibration runs many batches through the block."""
-        self._dense = self.dequantized_weight(torch.float32)
-        try:
-            yield
-        finally:
-            self._dense = None
-
     def forward(self, x: Tensor) -> Tensor:
-        if self._dense is not None:
-            return torch.nn.functional.linear(x, self._dense.to(x.dtype), self.bias)
+        cached = self._decoded_forward(x)
+        if cached is not None:
+            return cached
         return lut_matmul(x, self.weight_packed, self.codebook, self.weight_scale, bits=self.bits,
                           group_size=self.group_size, in_features=self.in_features, bias=self.bias)
 

@@ -27,6 +27,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -59,6 +60,32 @@ def calibration_mode(root: nn.Module) -> Iterator[None]:
             if callable(cache):
                 stack.enter_context(cache())
         yield
+
+
+class DecodedWeightCache:
+    """``calibration_cache()`` for a module that stores codes: decode ``dequantized_weight()``
+    once on entering and serve ``F.linear`` from it until exit (the twin's dequant + matmul path
+    computes the same numbers). The module calls :meth:`_decoded_forward` first in ``forward``."""
+
+    _dense: Tensor | None = None
+    bias: Tensor | None
+
+    def dequantized_weight(self, dtype: object = None) -> Tensor:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def calibration_cache(self) -> Iterator[None]:
+        self._dense = self.dequantized_weight(torch.float32)
+        try:
+            yield
+        finally:
+            self._dense = None
+
+    def _decoded_forward(self, x: Tensor) -> Tensor | None:
+        """The cached forward inside :meth:`calibration_cache`, None outside it."""
+        if self._dense is None:
+            return None
+        return torch.nn.functional.linear(x, self._dense.to(x.dtype), self.bias)
 
 
 def supports_staged_calibration(block: nn.Module) -> bool:

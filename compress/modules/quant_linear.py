@@ -14,8 +14,6 @@ each term served by the quant kernels.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,13 +23,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.algos.quant import QuantizedWeight
+from compress.modules.protocol import DecodedWeightCache
 from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
 from kernels.packing import (SUPPORTED_BITS, group_index, legacy_packed_len, pack_int32, packed_len, repack_legacy,
                              unpack_int32)
 from kernels.quant_matmul import dequantize, path_label, quant_matmul
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(DecodedWeightCache, nn.Module):
     """``y = x · dequant(W)ᵀ + b`` served by :func:`kernels.quant_matmul.quant_matmul`.
 
     Args:
@@ -65,7 +64,6 @@ class QuantLinear(nn.Module):
                 plen(out_features, bits), n_groups, dtype=torch.int32, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, **kw),
                                  requires_grad=False) if bias else None
-        self._dense: Tensor | None = None  # set only inside calibration_cache()
         # how the codes were chosen (recorded in the manifest and the export; no effect on serving)
         self.act_order, self.observer = False, "minmax"
 
@@ -100,19 +98,10 @@ class QuantLinear(nn.Module):
                           bits=self.bits, group_size=self.group_size,
                           in_features=self.in_features, dtype=dtype or self.weight_scale.dtype)
 
-    @contextlib.contextmanager
-    def calibration_cache(self) -> Iterator[None]:
-        """Serve from the dequantised weight, decoded once, while calibration runs many batches
-        through this block right after quantising it (numbers identical to the packed path)."""
-        self._dense = self.dequantized_weight(torch.float32)
-        try:
-            yield
-        finally:
-            self._dense = None
-
     def forward(self, x: Tensor) -> Tensor:
-        if self._dense is not None:
-            return torch.nn.functional.linear(x, self._dense.to(x.dtype), self.bias)
+        cached = self._decoded_forward(x)
+        if cached is not None:
+            return cached
         return quant_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             bits=self.bits, group_size=self.group_size,
                             in_features=self.in_features, bias=self.bias)
