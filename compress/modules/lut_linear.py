@@ -82,10 +82,6 @@ class LutLinear(DecodedWeightCache, nn.Module):
         gidx = group_index(self.in_features, self.group_size, idx.device)  # [K]
         return self.codebook.to(torch.float64)[idx] * self.weight_scale.to(torch.float64)[:, gidx]
 
-    def reference_forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(torch.float64)
-        return torch.nn.functional.linear(x.to(torch.float64), self.reference_weight(), bias)
-
     def kernel_path(self, x: Tensor) -> str:
         if self._dense is not None:
             return "dense cache"

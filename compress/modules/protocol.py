@@ -63,9 +63,11 @@ def calibration_mode(root: nn.Module) -> Iterator[None]:
 
 
 class DecodedWeightCache:
-    """``calibration_cache()`` for a module that stores codes: decode ``dequantized_weight()``
-    once on entering and serve ``F.linear`` from it until exit (the twin's dequant + matmul path
-    computes the same numbers). The module calls :meth:`_decoded_forward` first in ``forward``."""
+    """For a linear that stores codes (``QuantLinear``, ``LutLinear``): ``calibration_cache()``
+    decodes ``dequantized_weight()`` once on entering and serves ``F.linear`` from it until exit
+    (the twin's dequant + matmul path computes the same numbers; the module calls
+    :meth:`_decoded_forward` first in ``forward``), and ``reference_forward`` is the float64 linear
+    of the module's ``reference_weight()``."""
 
     _dense: Tensor | None = None
     bias: Tensor | None
@@ -80,6 +82,15 @@ class DecodedWeightCache:
             yield
         finally:
             self._dense = None
+
+    def reference_weight(self) -> Tensor:
+        """The dense float64 weight decoded from the stored tensors without any kernel."""
+        raise NotImplementedError
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """``x · Wᵀ + b`` in float64 plain torch from :meth:`reference_weight` (``compress validate``)."""
+        bias = None if self.bias is None else self.bias.to(torch.float64)
+        return torch.nn.functional.linear(x.to(torch.float64), self.reference_weight(), bias)
 
     def _decoded_forward(self, x: Tensor) -> Tensor | None:
         """The cached forward inside :meth:`calibration_cache`, None outside it."""

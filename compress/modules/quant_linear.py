@@ -119,11 +119,6 @@ class QuantLinear(DecodedWeightCache, nn.Module):
             q = q - zero.to(torch.float64)[:, gidx]
         return q * self.weight_scale.to(torch.float64)[:, gidx]  # [N, K]
 
-    def reference_forward(self, x: Tensor) -> Tensor:
-        """``x · dequant(W)ᵀ + b`` in float64 plain torch (the ``compress validate`` reference)."""
-        bias = None if self.bias is None else self.bias.to(torch.float64)
-        return torch.nn.functional.linear(x.to(torch.float64), self.reference_weight(), bias)
-
     def kernel_path(self, x: Tensor) -> str:
         """The code path ``forward(x)`` takes (see :func:`kernels.quant_matmul.path_label`)."""
         if self._dense is not None:

@@ -82,9 +82,9 @@ def test_validate_fails_on_a_broken_kernel(tiny_w4: Path, tmp_path: Path, monkey
 
 def test_validate_fails_when_a_module_has_no_reference(tiny_w4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
-    from compress.modules.quant_linear import QuantLinear
+    from compress.modules.protocol import DecodedWeightCache  # QuantLinear's reference_forward
 
-    monkeypatch.delattr(QuantLinear, "reference_forward")
+    monkeypatch.delattr(DecodedWeightCache, "reference_forward")
     js = tmp_path / "v.json"
     code, out, err = run_cli(["validate", str(tiny_w4), "--m", "1", "--json", str(js)], monkeypatch, capsys)
     assert code == 1 and "FAIL" in out and "without a reference" in err
