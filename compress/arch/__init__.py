@@ -75,7 +75,7 @@ _LLAMA_ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
                 "down": "mlp.down_proj", "attn": "self_attn", "mlp": "mlp"}
 
 LLAMA = Adapter(
-    name="llama", model_types=("llama", "mistral", "qwen2"),
+    name="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),  # qwen3: q/k norms sit inside attention
     auto_class="AutoModelForCausalLM", layers="model.layers",
     embeddings=("model.embed_tokens", "model.rotary_emb"), final_norm="model.norm", head="lm_head",
     groups=_LLAMA_GROUPS, attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
