@@ -74,6 +74,19 @@ def make_llama(path: Path, *, layers: int = 3, tie: bool = True, seed: int = 0, 
     return path
 
 
+def make_opt(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """Save a tiny random OPT decoder (+ tokenizer): LayerNorm, ReLU FFN, learned positions."""
+    import transformers
+
+    path.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(path)
+    cfg = transformers.OPTConfig(vocab_size=400, hidden_size=64, ffn_dim=96, num_hidden_layers=layers,
+                                 num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
 def make_bert(path: Path, layers: int = 2, seed: int = 0) -> Path:
     """Save a tiny random BERT encoder (+ the MiniLM-style WordPiece-free BPE tokenizer)."""
     import transformers

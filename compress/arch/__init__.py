@@ -95,7 +95,19 @@ BERT = Adapter(
            "attn": "attention", "mlp": "intermediate"},
 )
 
-ADAPTERS: tuple[Adapter, ...] = (LLAMA, BERT)
+OPT = Adapter(  # pre-norm LayerNorm blocks, ReLU FFN (fc1/fc2 on the block itself), learned positions
+    name="opt", model_types=("opt",), auto_class="AutoModelForCausalLM", layers="model.decoder.layers",
+    embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+    final_norm="model.decoder.final_layer_norm", head="lm_head",
+    groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",),
+            ("fc2",)),
+    attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", norm_kind="layer", pre_norm=True,
+    causal=True, token_embedding="model.decoder.embed_tokens",
+    roles={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+           "up": "fc1", "down": "fc2", "attn": "self_attn"},
+)
+
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, OPT, BERT)
 
 
 def get_adapter(config: dict) -> Adapter:

@@ -1,6 +1,8 @@
-"""Decoder families that share the LLaMA block layout (LLaMA, Mistral, Qwen2, Qwen3 with its
-per-head q/k RMSNorms inside attention): tiny random models run RTN, GPTQ, low-rank and SliceGPT
-end to end, and ``compress.load`` gives logits within each method's error."""
+"""Decoder families: the LLaMA block layout (LLaMA, Mistral, Qwen2, Qwen3 with its per-head q/k
+RMSNorms inside attention) and OPT (LayerNorm, ReLU FFN, learned positions: the architecture of
+the GPTQ paper's tables). Tiny random models run RTN, GPTQ, low-rank and SliceGPT end to end, and
+``compress.load`` gives logits within each method's error; SliceGPT refuses OPT's LayerNorm
+blocks in one line."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import transformers
 import compress
 from compress.recipe import parse_recipe
 from compress.runner import run_recipe
-from tests.conftest import make_llama
+from compress.errors import CompressError
+from tests.conftest import make_llama, make_opt
 
 CAL = {"protocol": "brown-128-smoke", "batch_size": 4}
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt"]
 # stages, the kind every compressed linear must have, max relative logit error (of the largest dense
 # logit; measured on these random models: RTN W8 ≤ 0.0075, GPTQ W4 ≤ 0.11, low-rank 0.9 ≤ 0.50 since
 # random weights have flat spectra, the exact rotation ≤ 7e-7)
@@ -31,7 +34,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
-    return {f: make_llama(root / f, layers=2, tie=f != "qwen2", seed=4, model_type=f) for f in FAMILIES}
+    out = {f: make_llama(root / f, layers=2, tie=f != "qwen2", seed=4, model_type=f) for f in FAMILIES if f != "opt"}
+    return out | {"opt": make_opt(root / "opt", seed=4)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -39,6 +43,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_family_compresses_and_reloads(family: str, case: str, models: dict[str, Path], tmp_path: Path) -> None:
     stages, kind, tol = CASES[case]
     src = models[family]
+    if family == "opt" and case.startswith("slicegpt"):  # LayerNorm: no rotation invariance
+        with pytest.raises(CompressError, match="RMSNorm decoders"):
+            run_recipe(parse_recipe({"calibration": CAL, "stages": stages}), src, tmp_path / "o")
+        assert not (tmp_path / "o").exists()
+        return
     out = run_recipe(parse_recipe({"calibration": CAL, "stages": stages}), src, tmp_path / "o")
     dense = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(1))
