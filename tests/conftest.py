@@ -59,12 +59,15 @@ def make_llama(path: Path, *, layers: int = 3, tie: bool = True, seed: int = 0, 
     path.mkdir(parents=True, exist_ok=True)
     train_tokenizer(path)
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config}[model_type]
+           "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
+           "phi3": transformers.Phi3Config}[model_type]
     kw = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               tie_word_embeddings=tie)
     if model_type == "qwen3":
         kw["head_dim"] = 16  # Qwen3's default is 128, not hidden / heads
+    if model_type == "phi3":
+        kw["pad_token_id"] = 0  # Phi-3's default pad id is past a 400-token vocabulary
     if model_type == "llama":
         kw["attention_bias"] = bias
     cfg = cls(**kw)

@@ -95,6 +95,15 @@ BERT = Adapter(
            "attn": "attention", "mlp": "intermediate"},
 )
 
+PHI3 = Adapter(  # the LLaMA block with fused projections: one qkv_proj, one gate_up_proj
+    name="phi3", model_types=("phi3",), auto_class="AutoModelForCausalLM", layers="model.layers",
+    embeddings=("model.embed_tokens", "model.rotary_emb"), final_norm="model.norm", head="lm_head",
+    groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", norm_kind="rms", pre_norm=True,
+    causal=True, token_embedding="model.embed_tokens",
+    roles={"o": "self_attn.o_proj", "down": "mlp.down_proj", "attn": "self_attn", "mlp": "mlp"},
+)
+
 OPT = Adapter(  # pre-norm LayerNorm blocks, ReLU FFN (fc1/fc2 on the block itself), learned positions
     name="opt", model_types=("opt",), auto_class="AutoModelForCausalLM", layers="model.decoder.layers",
     embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
@@ -107,7 +116,7 @@ OPT = Adapter(  # pre-norm LayerNorm blocks, ReLU FFN (fc1/fc2 on the block itse
            "up": "fc1", "down": "fc2", "attn": "self_attn"},
 )
 
-ADAPTERS: tuple[Adapter, ...] = (LLAMA, OPT, BERT)
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, PHI3, OPT, BERT)
 
 
 def get_adapter(config: dict) -> Adapter:

@@ -154,10 +154,10 @@ def block_paths(adapter) -> tuple[str, str, str, str]:  # noqa: ANN001
 
 
 def block_linears(adapter) -> dict[str, list[str]]:  # noqa: ANN001
-    """The block's linears by the side of the residual they touch."""
-    roles = adapter.roles
-    return {"attn_in": [roles[r] for r in ("q", "k", "v")], "attn_out": [roles["o"]],
-            "mlp_in": [roles[r] for r in ("gate", "up") if r in roles], "mlp_out": [roles["down"]]}
+    """The block's linears by the side of the residual they touch: the adapter's four input
+    groups in execution order (q/k/v or a fused qkv, o, gate/up or a fused gate_up, down)."""
+    attn_in, attn_out, mlp_in, mlp_out = adapter.groups
+    return {"attn_in": list(attn_in), "attn_out": list(attn_out), "mlp_in": list(mlp_in), "mlp_out": list(mlp_out)}
 
 
 # -- the model transform ----------------------------------------------------------------------

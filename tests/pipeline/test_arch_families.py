@@ -1,5 +1,6 @@
 """Decoder families: the LLaMA block layout (LLaMA, Mistral, Qwen2, Qwen3 with its per-head q/k
-RMSNorms inside attention) and OPT (LayerNorm, ReLU FFN, learned positions: the architecture of
+RMSNorms inside attention, Phi-3 with fused qkv_proj and gate_up_proj: quantised, factored and
+rotated as the fused matrices) and OPT (LayerNorm, ReLU FFN, learned positions: the architecture of
 the GPTQ paper's tables). Tiny random models run RTN, GPTQ, low-rank and SliceGPT end to end, and
 ``compress.load`` gives logits within each method's error; SliceGPT refuses OPT's LayerNorm
 blocks in one line."""
@@ -19,7 +20,7 @@ from compress.errors import CompressError
 from tests.conftest import make_llama, make_opt
 
 CAL = {"protocol": "brown-128-smoke", "batch_size": 4}
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "opt"]
 # stages, the kind every compressed linear must have, max relative logit error (of the largest dense
 # logit; measured on these random models: RTN W8 ≤ 0.0075, GPTQ W4 ≤ 0.11, low-rank 0.9 ≤ 0.50 since
 # random weights have flat spectra, the exact rotation ≤ 7e-7)

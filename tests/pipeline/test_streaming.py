@@ -151,7 +151,7 @@ def test_two_stage_recipe_composes(tiny_llama: Path, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".chain.stages-*"))  # intermediates are cleaned up
 
 
-@pytest.mark.parametrize("model_type,targets", [("llama", []), ("qwen2", ["mlp", "o_proj"])])
+@pytest.mark.parametrize("model_type,targets", [("llama", []), ("qwen2", ["mlp", "o_proj"]), ("phi3", [])])
 def test_staged_true_sequential_equals_generic_path(model_type: str, targets: list[str], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The staged pre-norm path is an optimisation only: bit-identical tensors."""
