@@ -349,13 +349,32 @@ def eval_cmd(
     write_json(target, res.to_json())
 
 
-@app.command("list", epilog=_examples("compress list", "compress list --protocols", "compress gptq -h"))
+@app.command("list", epilog=_examples("compress list", "compress list --protocols", "compress list --archs",
+                                      "compress gptq -h"))
 def list_cmd(
     protocols: Annotated[bool, typer.Option("--protocols", help="list the named protocols instead")] = False,
     assets_: Annotated[bool, typer.Option("--assets", help="list the named offline assets instead")] = False,
+    archs: Annotated[bool, typer.Option("--archs", help="list the supported model families × passes instead")] = False,
 ) -> None:
-    """The registered passes (and `compress PASS -h` for their options), protocols or assets."""
+    """The registered passes (and `compress PASS -h` for their options), protocols, assets or
+    the architecture support matrix."""
     from rich.table import Table
+
+    if archs:
+        from compress.registry import support_matrix
+
+        matrix = support_matrix()
+        names = list(next(iter(matrix.values())))
+        t = Table(title="supported model families × passes")
+        for col in ("model_type", *names):
+            t.add_column(col, overflow="fold")
+        for model_type, row in matrix.items():
+            t.add_row(model_type, *("yes" if row[n] is None else "no" for n in names))
+        out_console.print(t)
+        reasons = sorted({r for row in matrix.values() for r in row.values() if r})
+        for r in reasons:
+            out_console.print(f"no: {r}")
+        return
 
     if protocols:
         from compress.calib.protocol import PROTOCOLS

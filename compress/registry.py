@@ -67,3 +67,24 @@ def all_passes() -> dict[str, PassSpec]:
     import compress.passes  # noqa: F401
 
     return dict(PASSES)
+
+
+def support_matrix() -> dict[str, dict[str, str | None]]:
+    """``model_type → pass → None`` (supported) or the one-line reason the pass refuses that
+    family (its :meth:`Pass.check_input` on an uncompressed checkpoint), for ``compress list --archs``."""
+    from compress.arch import ADAPTERS
+    from compress.errors import CompressError
+
+    out: dict[str, dict[str, str | None]] = {}
+    for adapter in ADAPTERS:
+        for model_type in adapter.model_types:
+            row: dict[str, str | None] = {}
+            for name, spec in all_passes().items():
+                try:  # check_input reads the architecture and the manifest, not the options
+                    spec.pass_cls(spec.config_cls.model_construct()).check_input(adapter, {})
+                    row[name] = None
+                except CompressError as e:
+                    row[name] = e.problem
+            out[model_type] = row
+    return out
+

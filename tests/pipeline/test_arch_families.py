@@ -17,7 +17,8 @@ import compress
 from compress.recipe import parse_recipe
 from compress.runner import run_recipe
 from compress.errors import CompressError
-from tests.conftest import make_llama, make_opt
+from compress.registry import support_matrix
+from tests.conftest import make_llama, make_opt, run_cli
 
 CAL = {"protocol": "brown-128-smoke", "batch_size": 4}
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "opt"]
@@ -32,6 +33,9 @@ CASES = {
 }
 
 
+REFUSED = {("opt", "slicegpt"): True, ("bert", "slicegpt"): True}
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
@@ -44,7 +48,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_family_compresses_and_reloads(family: str, case: str, models: dict[str, Path], tmp_path: Path) -> None:
     stages, kind, tol = CASES[case]
     src = models[family]
-    if family == "opt" and case.startswith("slicegpt"):  # LayerNorm: no rotation invariance
+    if REFUSED.get((family, stages[0]["pass"])):  # e.g. OPT's LayerNorm: no rotation invariance
         with pytest.raises(CompressError, match="RMSNorm decoders"):
             run_recipe(parse_recipe({"calibration": CAL, "stages": stages}), src, tmp_path / "o")
         assert not (tmp_path / "o").exists()
@@ -61,3 +65,36 @@ def test_family_compresses_and_reloads(family: str, case: str, models: dict[str,
     assert kinds == ({kind} if kind else set()), kinds
     if kind is None:  # the rotation is a model transform: every block got its shortcuts
         assert [t["kind"] for t in model.compress_manifest["transforms"]] == ["slicegpt"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bert_encoder_compresses_and_reloads(case: str, tiny_bert: Path, tmp_path: Path) -> None:
+    stages, kind, _ = CASES[case]
+    recipe = parse_recipe({"calibration": CAL, "stages": stages})
+    if REFUSED.get(("bert", stages[0]["pass"])):
+        with pytest.raises(CompressError, match="post-norm"):
+            run_recipe(recipe, tiny_bert, tmp_path / "o")
+        return
+    out = run_recipe(recipe, tiny_bert, tmp_path / "o")
+    dense = transformers.AutoModel.from_pretrained(tiny_bert).eval()
+    ids = torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = compress.load(out)(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > (0.999 if kind == "quant" else 0.5)
+    assert {e["kind"] for e in compress.load(out).compress_manifest["modules"].values()} == {kind}
+
+
+def test_the_support_matrix_claims_only_what_these_tests_run(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Every (model_type, pass) cell of ``compress list --archs`` is a case above: "yes" cells are
+    compressed and reloaded, "no" cells are refused in one line."""
+    matrix = support_matrix()
+    tested_passes = {stages[0]["pass"] for stages, _, _ in CASES.values()}
+    assert set(matrix) == {*FAMILIES, "bert"}
+    for family, row in matrix.items():
+        assert set(row) == tested_passes, "a registered pass has no family case here"
+        for name, reason in row.items():
+            assert (reason is not None) == REFUSED.get((family, name), False), (family, name, reason)
+    code, out, _ = run_cli(["list", "--archs"], monkeypatch, capsys)
+    assert code == 0 and "phi3" in out and "post-norm" in out
+
