@@ -51,7 +51,7 @@ def build_skeleton(reader: CheckpointReader, adapter: Adapter | None = None,
     auto = getattr(transformers, adapter.auto_class)
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = auto.from_config(cfg, attn_implementation="sdpa", dtype=config_dtype(cfg))
+        model = auto.from_config(cfg, attn_implementation=adapter.attention, dtype=config_dtype(cfg))
     model.eval()
     manifest = manifest if manifest is not None else reader_manifest(reader)
     apply_manifest(model, manifest, adapter, reader)

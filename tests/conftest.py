@@ -60,13 +60,14 @@ def make_llama(path: Path, *, layers: int = 3, tie: bool = True, seed: int = 0, 
     train_tokenizer(path)
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
            "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
-           "phi3": transformers.Phi3Config}[model_type]
+           "phi3": transformers.Phi3Config, "gemma2": transformers.Gemma2Config,
+           "gemma3_text": transformers.Gemma3TextConfig}[model_type]
     kw = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               tie_word_embeddings=tie)
-    if model_type == "qwen3":
-        kw["head_dim"] = 16  # Qwen3's default is 128, not hidden / heads
-    if model_type == "phi3":
+    if model_type in ("qwen3", "gemma2", "gemma3_text"):
+        kw["head_dim"] = 16  # their default is not hidden / heads
+    if model_type in ("phi3", "gemma2", "gemma3_text"):
         kw["pad_token_id"] = 0  # Phi-3's default pad id is past a 400-token vocabulary
     if model_type == "llama":
         kw["attention_bias"] = bias

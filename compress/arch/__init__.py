@@ -33,6 +33,13 @@ class Adapter:
         pre_norm: True when each block normalises its input (needed for rotation invariance).
         causal: decoder (causal attention) or encoder.
         token_embedding: the token embedding module (tied to ``head`` when the config says so).
+        branch_norms: norms applied to a branch's *output* before the residual add (Gemma's
+            post-attention and post-feedforward norms); a block with them is not
+            ``x + attn(norm(x))``, so the staged calibration and residual rotations do not apply.
+        norm_offset: the norm scales by ``offset + weight`` (Gemma's ``1 + w``; 0 elsewhere):
+            code that folds norm weights reads it here.
+        attention: the ``transformers`` attention implementation the skeleton is built with
+            (``eager`` where SDPA is unsupported, e.g. Gemma 2's logit soft-capping).
     """
 
     name: str
@@ -50,6 +57,9 @@ class Adapter:
     causal: bool
     token_embedding: str
     roles: dict[str, str] = field(default_factory=dict)
+    branch_norms: tuple[str, ...] = ()
+    norm_offset: float = 0.0
+    attention: str = "sdpa"
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -104,6 +114,14 @@ PHI3 = Adapter(  # the LLaMA block with fused projections: one qkv_proj, one gat
     roles={"o": "self_attn.o_proj", "down": "mlp.down_proj", "attn": "self_attn", "mlp": "mlp"},
 )
 
+GEMMA = Adapter(  # Gemma 2 and Gemma 3 (text): four norms per block, (1 + w) RMSNorm, scaled embeddings
+    name="gemma", model_types=("gemma2", "gemma3_text"), auto_class="AutoModelForCausalLM", layers="model.layers",
+    embeddings=("model.embed_tokens", "model.rotary_emb"), final_norm="model.norm", head="lm_head",
+    groups=_LLAMA_GROUPS, attn_norm="input_layernorm", mlp_norm="pre_feedforward_layernorm", norm_kind="rms",
+    pre_norm=True, causal=True, token_embedding="model.embed_tokens", roles=_LLAMA_ROLES,
+    branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0, attention="eager",
+)
+
 OPT = Adapter(  # pre-norm LayerNorm blocks, ReLU FFN (fc1/fc2 on the block itself), learned positions
     name="opt", model_types=("opt",), auto_class="AutoModelForCausalLM", layers="model.decoder.layers",
     embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
@@ -116,7 +134,7 @@ OPT = Adapter(  # pre-norm LayerNorm blocks, ReLU FFN (fc1/fc2 on the block itse
            "up": "fc1", "down": "fc2", "attn": "self_attn"},
 )
 
-ADAPTERS: tuple[Adapter, ...] = (LLAMA, PHI3, OPT, BERT)
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, PHI3, GEMMA, OPT, BERT)
 
 
 def get_adapter(config: dict) -> Adapter:

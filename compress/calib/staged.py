@@ -37,7 +37,7 @@ def supports_staged(ctx: LayerContext) -> bool:
     a = ctx.adapter
     if not supports_staged_calibration(ctx.layer):  # e.g. a sliced block (residual shortcuts)
         return False
-    return (a.pre_norm and a.causal and len(a.groups) == 4
+    return (a.pre_norm and a.causal and len(a.groups) == 4 and not a.branch_norms
             and {"attn", "mlp", "o", "down"} <= set(a.roles) and ctx.state is not None)
 
 

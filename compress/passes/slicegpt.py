@@ -214,6 +214,10 @@ class SliceGPTPass(Pass):
             raise CompressError(f"{a.name} blocks are post-norm (the norm follows the residual add), so "
                                 "rotating the residual stream would change the function",
                                 "slicegpt needs a pre-norm decoder (llama, mistral, qwen2)")
+        if a.branch_norms:
+            raise CompressError(f"{a.name} blocks normalise each branch's output before the residual add, so "
+                                "rotating the residual stream would change the function",
+                                "slicegpt needs x + f(norm(x)) blocks (llama, mistral, qwen2, qwen3, phi3)")
         if a.norm_kind != "rms" or a.final_norm is None or a.head is None:
             raise CompressError(f"slicegpt supports RMSNorm decoders with a final norm and a head; "
                                 f"{a.name} is not one", "use a llama-family checkpoint")
