@@ -100,6 +100,7 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
     out = prepare_output(out, [model], overwrite, force)
     if recipe.calibrates:
         load_corpus(recipe.calibration.data)
+    check_chain(recipe, model)
     out.parent.mkdir(parents=True, exist_ok=True)
     stages_dir = out.with_name(f".{out.name}.stages")
     if resume:
@@ -123,6 +124,31 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
         src = dst
     shutil.rmtree(stages_dir, ignore_errors=True)
     return out
+
+
+def check_chain(recipe: Recipe, model: Path) -> None:
+    """Refuse, before any work, a stage whose pass cannot take what the stages before it will
+    leave (e.g. SliceGPT after a quantisation stage, or on a family it cannot rotate): each
+    stage's :meth:`Pass.check_input` on the input's manifest plus what the earlier stages plan."""
+    from compress.pipeline.shapes import ShapePlan
+
+    reader = CheckpointReader(model)
+    adapter = get_adapter(reader.config)
+    base, plan = reader_manifest(reader), ShapePlan.of(reader, adapter)
+    for i, stage in enumerate(recipe.stages):
+        the_pass = get_pass(stage.pass_name).pass_cls(stage.config)
+        check_stage_input(the_pass, adapter, plan.manifest(base), recipe, i)
+        the_pass.resolve(plan.block_linears(adapter))
+        the_pass.plan_shapes(plan, adapter)
+
+
+def check_stage_input(the_pass: Pass, adapter: Adapter, manifest: dict, recipe: Recipe, index: int) -> None:
+    """:meth:`Pass.check_input`, its refusal naming the stage in a recipe of several."""
+    try:
+        the_pass.check_input(adapter, manifest)
+    except CompressError as e:
+        where = f"stage {index} ({recipe.stages[index].pass_name}): " if len(recipe.stages) > 1 else ""
+        raise CompressError(where + e.problem, e.fix) from None
 
 
 def _check_resumable(out: Path, recipe: Recipe, model: Path, stages_dir: Path) -> None:

@@ -22,7 +22,7 @@ from compress.pipeline.pass_api import PassConfig
 from compress.pipeline.shapes import ShapePlan
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec, get_pass
-from compress.runner import make_protocol, stored_plan
+from compress.runner import check_stage_input, make_protocol, stored_plan
 from compress.units import human_bytes
 
 def _tensor_bytes(reader: CheckpointReader, key: str) -> int:
@@ -145,10 +145,12 @@ def stage_estimates(recipe: Recipe, reader: CheckpointReader, adapter: Adapter,
     (:class:`ShapePlan`): its peak memory on its input's shapes, then the bytes it writes. With
     ``table`` each stage's effective options are added to it as a row."""
     plan = ShapePlan.of(reader, adapter)
+    base = reader_manifest(reader)
     out = []
     for i, st in enumerate(recipe.stages):
         spec = get_pass(st.pass_name)
         the_pass = spec.pass_cls(st.config)
+        check_stage_input(the_pass, adapter, plan.manifest(base), recipe, i)  # refused here as in a run
         the_pass.resolve(plan.block_linears(adapter))
         if table is not None:
             table.add_row(str(i), spec.name, _calibration_cell(spec, st.config, recipe.calibration),

@@ -470,6 +470,7 @@ class SliceGPTPass(Pass):
         else:
             extra += (d_in - D) + V * (d_in - D)  # final norm and head at the last width
         plan.other_bytes += extra * e
+        plan.transforms.append("slicegpt")
 
 
 def _tied(run: RunContext) -> bool:

@@ -24,6 +24,7 @@ class ShapePlan:
         other_bytes: every other stored tensor (embeddings, norms, head, biases, shortcuts).
         elem: bytes per element of the dense weights; config: the raw ``config.json``.
         tied_head: the head reads the token embedding table (no stored head weight).
+        transforms: kinds of the model-level transforms the stages so far applied (``slicegpt``).
     """
 
     linears: dict[str, tuple[int, int]]
@@ -33,6 +34,7 @@ class ShapePlan:
     config: dict
     tied_head: bool
     compressed: set[str] = field(default_factory=set)
+    transforms: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, reader: CheckpointReader, adapter: Adapter) -> ShapePlan:
@@ -48,6 +50,14 @@ class ShapePlan:
         tied = adapter.head is not None and bool(reader.config.get("tie_word_embeddings")) \
             and f"{adapter.head}.weight" not in reader
         return cls(linears, sizes, other, elem, dict(reader.config), tied)
+
+    def manifest(self, base: dict) -> dict:
+        """What a stage's input manifest will say about representations and transforms: the
+        input's own (``base``) plus what the stages planned so far compressed or transformed, for
+        :meth:`Pass.check_input` before any work."""
+        modules = {**base.get("modules", {}), **{n: {"kind": "an earlier stage's"} for n in sorted(self.compressed)}}
+        transforms = [*base.get("transforms", []), *({"kind": t} for t in self.transforms)]
+        return {"modules": modules, "transforms": transforms}
 
     def total_bytes(self) -> int:
         return self.other_bytes + sum(self.linear_bytes.values())

@@ -200,6 +200,25 @@ def test_slice_then_gptq_composes(models: dict[str, Path], tmp_path: Path) -> No
     assert torch.isfinite(_logits(model, _ids())).all()
 
 
+def test_slicing_after_a_quantisation_stage_is_refused_before_any_work(models: dict[str, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.runner as runner
+
+    def no_work(*_a: object, **_k: object) -> None:
+        raise AssertionError("a stage ran although a later stage is refused")
+    monkeypatch.setattr(runner, "run_stage", no_work)
+    recipe = _recipe({"pass": "rtn", "config": {"bits": 4, "group_size": 16}}, _slice(sparsity=0.25))
+    with pytest.raises(CompressError, match=r"stage 1 \(slicegpt\): .*cannot be rotated") as e:
+        run_recipe(recipe, models["untied"], tmp_path / "o")
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+    from compress.arch import get_adapter
+    from compress.summary import stage_estimates
+
+    reader = CheckpointReader(models["untied"])
+    with pytest.raises(CompressError, match=r"stage 1 \(slicegpt\)"):  # `compress plan` says the same
+        stage_estimates(recipe, reader, get_adapter(reader.config))
+
+
 def test_slicing_a_sliced_or_quantised_checkpoint_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
     sliced = run_recipe(_recipe(_slice(sparsity=0.25)), models["untied"], tmp_path / "s")
     with pytest.raises(CompressError, match="already sliced"):
