@@ -361,21 +361,10 @@ def list_cmd(
     from rich.table import Table
 
     if archs:
-        from compress.registry import support_matrix
+        from compress.summary import support_table
 
-        matrix = support_matrix()
-        names = list(next(iter(matrix.values())))
-        t = Table(title="supported model families × passes")
-        for col in ("model_type", *names):
-            t.add_column(col, overflow="fold")
-        for model_type, row in matrix.items():
-            t.add_row(model_type, *("yes" if row[n] is None else "no" for n in names))
-        out_console.print(t)
-        reasons = sorted({r for row in matrix.values() for r in row.values() if r})
-        for r in reasons:
-            out_console.print(f"no: {r}")
+        out_console.print(support_table())
         return
-
     if protocols:
         from compress.calib.protocol import PROTOCOLS
 

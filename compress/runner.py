@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from compress.pipeline.stats import BlockStats, open_stats
 from compress.pipeline.stream import Progress, Stream
 from compress.provenance import export_quantization_config, provenance, side_files
 from compress.recipe import CalibrationConfig, Recipe
-from compress.registry import get_pass
+from compress.pipeline.shapes import ShapePlan
+from compress.registry import PassSpec, get_pass
 from compress.report import write_all
 from compress.store import checkpoint_hash
 
@@ -130,15 +132,23 @@ def check_chain(recipe: Recipe, model: Path) -> None:
     """Refuse, before any work, a stage whose pass cannot take what the stages before it will
     leave (e.g. SliceGPT after a quantisation stage, or on a family it cannot rotate): each
     stage's :meth:`Pass.check_input` on the input's manifest plus what the earlier stages plan."""
-    from compress.pipeline.shapes import ShapePlan
-
     reader = CheckpointReader(model)
-    adapter = get_adapter(reader.config)
+    for _ in planned_stages(recipe, reader, get_adapter(reader.config)):
+        pass
+
+
+def planned_stages(recipe: Recipe, reader: CheckpointReader,
+                   adapter: Adapter) -> Iterator[tuple[int, PassSpec, Pass, ShapePlan]]:
+    """Walk the stages on shapes alone: each stage's pass, checked (:func:`check_stage_input`)
+    and resolved against the :class:`ShapePlan` the stages before it leave, is yielded with that
+    plan (its input's shapes); its :meth:`Pass.plan_shapes` then rewrites the plan for the next."""
     base, plan = reader_manifest(reader), ShapePlan.of(reader, adapter)
     for i, stage in enumerate(recipe.stages):
-        the_pass = get_pass(stage.pass_name).pass_cls(stage.config)
+        spec = get_pass(stage.pass_name)
+        the_pass = spec.pass_cls(stage.config)
         check_stage_input(the_pass, adapter, plan.manifest(base), recipe, i)
         the_pass.resolve(plan.block_linears(adapter))
+        yield i, spec, the_pass, plan
         the_pass.plan_shapes(plan, adapter)
 
 
@@ -308,7 +318,6 @@ def _prepare(recipe: Recipe, index: int, src: Path, cache: bool = True) -> _Prep
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
     in_manifest = reader_manifest(reader)
-    the_pass.check_input(adapter, in_manifest)
     model = build_skeleton(reader, adapter, in_manifest)
     the_pass.resolve(block_linears(model, adapter))
     calib = load_calibration(src, recipe.calibration, reader.config, cache) if spec.calibrates(stage.config) else None

@@ -19,15 +19,10 @@ from compress.checkpoint import CheckpointReader
 from compress.model import reader_manifest
 from compress.pipeline.memory import PeakEstimate, memory_shape, stage_peak
 from compress.pipeline.pass_api import PassConfig
-from compress.pipeline.shapes import ShapePlan
 from compress.recipe import CalibrationConfig, Recipe
 from compress.registry import PassSpec, get_pass
-from compress.runner import check_stage_input, make_protocol, stored_plan
+from compress.runner import make_protocol, planned_stages, stored_plan
 from compress.units import human_bytes
-
-def _tensor_bytes(reader: CheckpointReader, key: str) -> int:
-    return reader.nbytes(key)
-
 
 def describe(model: str) -> Table:
     """A table of architecture, size and manifest facts."""
@@ -144,24 +139,21 @@ def stage_estimates(recipe: Recipe, reader: CheckpointReader, adapter: Adapter,
     """Every stage resolved against, and estimated on, the shapes the stage before it leaves
     (:class:`ShapePlan`): its peak memory on its input's shapes, then the bytes it writes. With
     ``table`` each stage's effective options are added to it as a row."""
-    plan = ShapePlan.of(reader, adapter)
-    base = reader_manifest(reader)
-    out = []
-    for i, st in enumerate(recipe.stages):
-        spec = get_pass(st.pass_name)
-        the_pass = spec.pass_cls(st.config)
-        check_stage_input(the_pass, adapter, plan.manifest(base), recipe, i)  # refused here as in a run
-        the_pass.resolve(plan.block_linears(adapter))
+    peaks, sizes, plan = [], [], None
+    for i, spec, the_pass, plan in planned_stages(recipe, reader, adapter):
+        if i:
+            sizes.append(plan.total_bytes())  # what stage i - 1 leaves
+        st = recipe.stages[i]
         if table is not None:
             table.add_row(str(i), spec.name, _calibration_cell(spec, st.config, recipe.calibration),
                           _options_cell(st.config, the_pass.config))
         protocol = make_protocol(recipe.calibration) if spec.calibrates(st.config) else None
         shape = memory_shape(plan, reader, adapter, protocol, recipe.calibration.batch_size,
-                             corpus_bytes(recipe.calibration.data) if protocol is not None else 0)
-        peak = stage_peak(shape, the_pass.plan_memory(shape), plan.tied_head)
-        the_pass.plan_shapes(plan, adapter)
-        out.append(StageEstimate(plan.total_bytes(), peak))
-    return out
+                             corpus_bytes(recipe.calibration.data))
+        peaks.append(stage_peak(shape, the_pass.plan_memory(shape), plan.tied_head))
+    assert plan is not None  # a recipe has at least one stage
+    sizes.append(plan.total_bytes())  # the walk rewrote it for the last stage on finishing
+    return [StageEstimate(b, p) for b, p in zip(sizes, peaks, strict=True)]
 
 
 def stage_bytes(recipe: Recipe, reader: CheckpointReader, adapter: Adapter) -> list[int]:
@@ -204,3 +196,20 @@ def _fmt(value: object) -> str:
     if isinstance(value, dict):
         return f"{{{len(value)} entries}}"
     return str(value)
+
+
+def support_table() -> Group:
+    """``compress list --archs``: model_type × pass (:func:`compress.registry.support_matrix`),
+    then each refusal's reason once."""
+    from compress.registry import support_matrix
+
+    matrix = support_matrix()
+    names = list(next(iter(matrix.values())))
+    t = Table(title="supported model families × passes")
+    for col in ("model_type", *names):
+        t.add_column(col, overflow="fold")
+    for model_type, row in matrix.items():
+        t.add_row(model_type, *("yes" if row[n] is None else "no" for n in names))
+    reasons = sorted({r for row in matrix.values() for r in row.values() if r})
+    return Group(t, *(Text(f"no: {r}") for r in reasons))
+

@@ -23,6 +23,7 @@ the model moves them once.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, Generic, TypeVar
 
@@ -58,18 +59,19 @@ class KindEntry(BaseModel):
 E = TypeVar("E", bound=KindEntry)
 
 
-class ModuleKind(Generic[E]):
+class ModuleKind(ABC, Generic[E]):
     """What one representation knows about itself (see the module docstring)."""
 
     name: ClassVar[str]
     entry_model: ClassVar[type[KindEntry]]
 
+    @abstractmethod
     def build(self, original: nn.Module, entry: E, shared: SharedTensors | None) -> nn.Module:
-        raise NotImplementedError
+        """The runtime module for ``entry`` on the meta device (``original``: what it replaces)."""
 
+    @abstractmethod
     def stored_bytes(self, entry: E, dtype: torch.dtype) -> int:
         """Bytes of the tensors stored under this module's name (shared groups not counted)."""
-        raise NotImplementedError
 
     def export_refusal(self, entry: E) -> str | None:
         """Why compressed-tensors cannot describe this module (None: it can)."""

@@ -24,6 +24,7 @@ run says so with ``supports_staged_calibration = False`` (:func:`supports_staged
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -62,7 +63,7 @@ def calibration_mode(root: nn.Module) -> Iterator[None]:
         yield
 
 
-class DecodedWeightCache:
+class DecodedWeightCache(ABC):
     """For a linear that stores codes (``QuantLinear``, ``LutLinear``): ``calibration_cache()``
     decodes ``dequantized_weight()`` once on entering and serves ``F.linear`` from it until exit
     (the twin's dequant + matmul path computes the same numbers; the module calls
@@ -72,8 +73,9 @@ class DecodedWeightCache:
     _dense: Tensor | None = None
     bias: Tensor | None
 
+    @abstractmethod
     def dequantized_weight(self, dtype: object = None) -> Tensor:
-        raise NotImplementedError
+        """The dense weight the stored codes stand for, decoded by the kernels' dequantizer."""
 
     @contextlib.contextmanager
     def calibration_cache(self) -> Iterator[None]:
@@ -83,9 +85,9 @@ class DecodedWeightCache:
         finally:
             self._dense = None
 
+    @abstractmethod
     def reference_weight(self) -> Tensor:
         """The dense float64 weight decoded from the stored tensors without any kernel."""
-        raise NotImplementedError
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """``x · Wᵀ + b`` in float64 plain torch from :meth:`reference_weight` (``compress validate``)."""

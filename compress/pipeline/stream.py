@@ -108,9 +108,7 @@ class Stream:
         """Blocks ``0..upto-1`` of the dense input model, each materialised from the input shards
         into a fresh skeleton (the run's own blocks may already be compressed), then freed."""
         run = self.run
-        skeleton = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
-        materialize_shared(skeleton, run.reader)
-        dense = get_module(skeleton, run.adapter.layers)
+        dense = get_module(self._input_skeleton(), run.adapter.layers)
         for i in range(upto):
             prefix = run.adapter.layer_prefix(i)
             materialize(dense[i], prefix, run.reader)
@@ -118,6 +116,14 @@ class Stream:
                 yield LayerContext(i, prefix, dense[i], run.adapter, state)
             release(dense[i])
             trim()
+
+    def _input_skeleton(self) -> nn.Module:
+        """A fresh skeleton of the input checkpoint (its compressed modules and shared tensors
+        as stored), whatever this run has already changed in ``run.model``."""
+        run = self.run
+        model = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
+        materialize_shared(model, run.reader)
+        return model
 
     def _scan(self, ctx: LayerContext) -> dict[str, torch.Tensor]:
         """Block ``ctx.index``'s statistics from its dense block, checked and stored."""
@@ -181,8 +187,7 @@ class Stream:
         """Activations entering block ``upto`` of the dense input model, recomputed from block 0
         (an evicted or corrupt statistic in the middle of a run)."""
         run = self.run
-        model = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
-        materialize_shared(model, run.reader)
+        model = self._input_skeleton()
         for path in run.adapter.embeddings:
             materialize(get_module(model, path), f"{path}.", run.reader)
         assert self.calib is not None
