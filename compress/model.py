@@ -44,8 +44,9 @@ def config_dtype(cfg: transformers.PretrainedConfig) -> torch.dtype:
 
 
 def build_skeleton(reader: CheckpointReader, adapter: Adapter | None = None,
-                   manifest: dict | None = None) -> nn.Module:
-    """The model with parameters on meta and compressed modules already swapped in."""
+                   manifest: dict | None = None, device: torch.device | None = None) -> nn.Module:
+    """The model with parameters on meta and compressed modules already swapped in; the real
+    buffers (RoPE frequencies, ...) on ``device`` when given (the run's compute device)."""
     adapter = adapter or get_adapter(reader.config)
     cfg = load_config(reader)
     auto = getattr(transformers, adapter.auto_class)
@@ -55,7 +56,18 @@ def build_skeleton(reader: CheckpointReader, adapter: Adapter | None = None,
     model.eval()
     manifest = manifest if manifest is not None else reader_manifest(reader)
     apply_manifest(model, manifest, adapter, reader)
+    if device is not None:
+        place_real_buffers(model, device)
     return model
+
+
+def place_real_buffers(model: nn.Module, device: torch.device) -> None:
+    """Move the buffers that are real in a meta skeleton (non-persistent ones such as RoPE's
+    ``inv_freq``, never stored in a checkpoint) onto ``device``."""
+    for mod in model.modules():
+        for leaf, b in mod._buffers.items():
+            if b is not None and not b.is_meta and b.device != device:
+                mod._buffers[leaf] = b.to(device)
 
 
 def reader_manifest(reader: CheckpointReader) -> dict:
@@ -120,12 +132,12 @@ def apply_manifest(model: nn.Module, manifest: dict, adapter: Adapter, reader: C
         set_module(model, name, build_module(get_module(model, name), entry, shared, name))
 
 
-def materialize_shared(model: nn.Module, reader: CheckpointReader) -> None:
+def materialize_shared(model: nn.Module, reader: CheckpointReader, device: torch.device | None = None) -> None:
     """Load the model's shared tensors (every group) when it has any; the pipeline keeps them
     for the whole run, since modules of any block may read them."""
     shared = getattr(model, SHARED_PREFIX, None)
     if shared is not None:
-        materialize(shared, f"{SHARED_PREFIX}.", reader)
+        materialize(shared, f"{SHARED_PREFIX}.", reader, device=device)
 
 
 def compressed_tensors_modules(model: nn.Module, qc: dict) -> dict[str, dict]:
@@ -173,8 +185,9 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 # -- materialise / release ---------------------------------------------------------------
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader,
-                check_finite: bool = True) -> None:
-    """Load every parameter and persistent buffer of ``module`` from ``prefix + name``."""
+                check_finite: bool = True, device: torch.device | None = None) -> None:
+    """Load every parameter and persistent buffer of ``module`` from ``prefix + name`` (onto
+    ``device`` when given: the pipeline's compute device; else they stay in host memory)."""
     slots = list(_slots(module))
     present = [prefix + name for name, *_ in slots if prefix + name in reader]
     tensors = reader.get_many(present)
@@ -194,7 +207,9 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader,
         if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
             raise NumericsError(f"tensor {key} contains NaN or Inf",
                                 "repair the checkpoint; compressing it would spread the damage")
-        if t.data_ptr() % 64:  # safetensors offsets are 8-byte aligned; BLAS is ~20% faster at 64
+        if device is not None and device.type != "cpu":
+            t = t.to(device)
+        elif t.data_ptr() % 64:  # safetensors offsets are 8-byte aligned; BLAS is ~20% faster at 64
             t = t.clone()
         if is_param:
             owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)

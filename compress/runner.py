@@ -25,6 +25,7 @@ from compress.calib.protocol import (
     Protocol, calibration_windows, corpus_protocol_name, fingerprint, get_protocol, split_lines,
     tokenize_joined)
 from compress.checkpoint import CheckpointReader, CheckpointWriter, prepare_output
+from compress.device import ActivationMode, resolve_device
 from compress.errors import CompressError
 from compress.model import build_skeleton, get_module, reader_manifest
 from compress.pipeline import resume as resume_io
@@ -87,7 +88,8 @@ def load_tokenizer(src: Path) -> object:
 
 
 def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = False, force: bool = False,
-               progress: Progress | None = None, cache: bool = True, resume: bool = False) -> Path:
+               progress: Progress | None = None, cache: bool = True, resume: bool = False,
+               device: str | torch.device = "auto", activations: ActivationMode = "auto") -> Path:
     """Apply every stage of ``recipe`` to ``model``; the last stage writes ``out`` atomically.
 
     Everything the user can get wrong is checked before any work: the input checkpoint, the
@@ -95,8 +97,10 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
     calibrates, the corpus (a missing or non-text file is refused here, not after stage 1).
     ``cache=False`` neither reads nor writes the work store. ``resume`` continues a killed run
     of the same command from its last committed block (``OUT.partial``); without it a partial
-    run is discarded."""
+    run is discarded. ``device`` (``auto``: CUDA when present) is where the blocks compute;
+    ``activations`` where the calibration activations live (:func:`compress.device.activation_home`)."""
     bound_allocator()
+    dev = resolve_device(device)
     model = Path(model)
     CheckpointReader(model)  # validate the input before any work
     out = prepare_output(out, [model], overwrite, force)
@@ -120,7 +124,7 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
             stages_dir.mkdir(exist_ok=True)
             shutil.rmtree(dst, ignore_errors=True)
         run_stage(recipe, i, src, dst, overwrite=(overwrite or force) if last else False,
-                  progress=progress, cache=cache, resume=resume)
+                  progress=progress, cache=cache, resume=resume, device=dev, activations=activations)
         if not last:
             _mark_stage_done(dst, recipe, i, src)
         src = dst
@@ -218,34 +222,39 @@ def recipe_hash(recipe: Recipe, *, calibration: bool = True) -> str:
 
 
 def stage_identity(recipe: Recipe, index: int, src: Path, calib: Calibration | None,
-                   memo: bool = True) -> Identity:
+                   memo: bool = True, device: torch.device | None = None) -> Identity:
     """What a ``--resume`` of this stage must match (``memo``: remember the input's hash)."""
     from compress.provenance import tool_version
 
     return Identity(input=checkpoint_hash(src, memo=memo), recipe=recipe_hash(recipe, calibration=False), stage=index,
                     calibration=None if calib is None else calib.fingerprint,
-                    version=f"{tool_version()} torch {torch.__version__}")
+                    version=f"{tool_version()} torch {torch.__version__}",
+                    device=(device or torch.device("cpu")).type)
 
 
 def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bool = False,
-              progress: Progress | None = None, cache: bool = True, resume: bool = False) -> Path:
+              progress: Progress | None = None, cache: bool = True, resume: bool = False,
+              device: torch.device | None = None, activations: ActivationMode = "auto") -> Path:
     """One stage: scan, plan and apply the pass over ``src`` into ``out`` (see
-    :mod:`compress.pipeline.stream`); ``resume`` continues from ``OUT.partial``'s last commit."""
+    :mod:`compress.pipeline.stream`) computing on ``device`` (default: the host); ``resume``
+    continues from ``OUT.partial``'s last commit."""
+    device = device or torch.device("cpu")
     torch.manual_seed(recipe.seed)
-    st = _prepare(recipe, index, src, cache)
+    st = _prepare(recipe, index, src, cache, device)
     the_pass, needs, reader, adapter, in_manifest, model, calib = (
         st.the_pass, st.needs, st.reader, st.adapter, st.in_manifest, st.model, st.calib)
     trim()  # the corpus text and tokenizer buffers are garbage now
     t0 = time.perf_counter()
-    identity = stage_identity(recipe, index, src, calib, memo=cache)
+    identity = stage_identity(recipe, index, src, calib, memo=cache, device=device)
     partial = out.with_name(out.name + ".partial")
     point = resume_io.load_point(partial, identity) if resume else None  # refuses another run's
     with CheckpointWriter(out, overwrite=overwrite, keep_partial=point is not None) as writer:
         run = RunContext(reader, adapter, model, dict(reader.config), None,
                          dict(in_manifest.get("modules", {})), list(in_manifest.get("transforms", [])),
-                         shared={g: {"tensors": v["tensors"]} for g, v in in_manifest.get("shared", {}).items()})
+                         shared={g: {"tensors": v["tensors"]} for g, v in in_manifest.get("shared", {}).items()},
+                         device=device, activations=activations)
         stats = _open_stats(the_pass, needs, src, calib, len(get_module(model, adapter.layers)),
-                            cache, out.parent)
+                            cache, out.parent, device.type)
         stream = Stream(run, the_pass, writer, needs, calib, recipe.calibration.batch_size, stats,
                         identity, point, progress)
         try:
@@ -271,14 +280,15 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
 
 
 def _open_stats(the_pass: Pass, needs: Needs, src: Path, calib: Calibration | None, n_blocks: int,
-                cache: bool, scratch_dir: Path) -> BlockStats | None:
+                cache: bool, scratch_dir: Path, device: str = "cpu") -> BlockStats | None:
     if not needs.scan:
         return None
     statistic = the_pass.statistic()
     if statistic is None:
         raise TypeError(f"{type(the_pass).__name__} declares a scan but no statistic()")
     return open_stats(statistic, src, None if calib is None else calib.fingerprint, n_blocks,
-                      cache=cache, keep_all=needs.plan or needs.activations, scratch_dir=scratch_dir)
+                      cache=cache, keep_all=needs.plan or needs.activations, scratch_dir=scratch_dir,
+                      device=device)
 
 
 def stored_plan(recipe: Recipe, src: Path) -> BaseModel | None:
@@ -311,14 +321,15 @@ class _Prepared:
     calib: Calibration | None
 
 
-def _prepare(recipe: Recipe, index: int, src: Path, cache: bool = True) -> _Prepared:
+def _prepare(recipe: Recipe, index: int, src: Path, cache: bool = True,
+             device: torch.device | None = None) -> _Prepared:
     stage = recipe.stages[index]
     spec = get_pass(stage.pass_name)
     the_pass = spec.pass_cls(stage.config)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
     in_manifest = reader_manifest(reader)
-    model = build_skeleton(reader, adapter, in_manifest)
+    model = build_skeleton(reader, adapter, in_manifest, device)
     the_pass.resolve(block_linears(model, adapter))
     calib = load_calibration(src, recipe.calibration, reader.config, cache) if spec.calibrates(stage.config) else None
     return _Prepared(the_pass, the_pass.needs(), reader, adapter, in_manifest, model, calib)

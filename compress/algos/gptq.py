@@ -34,7 +34,7 @@ def inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Te
     """
     H = H.to(torch.float64)
     mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp = percdamp
     for _ in range(max_tries):
         L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
@@ -94,8 +94,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     U, damp = inverse_cholesky(H, percdamp)
     U = U.to(torch.float32)
 
-    codes = torch.empty(out_f, in_f, dtype=torch.int8)
-    loss = torch.zeros((), dtype=torch.float64)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8, device=W.device)
+    loss = 0.0
     order = perm.tolist() if perm is not None else list(range(in_f))
     dyn_scales: list[Tensor] = []
     dyn_zeros: list[Tensor] = []
@@ -123,7 +123,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
             Err[:, i] = err
             W1[:, i:].addr_(err, Uii[i, i:], alpha=-1)  # lazy OBS update inside the block
         codes[:, order[i1:i2]] = (Q1 - offset).to(torch.int8)
-        loss += float((Err.double() ** 2).sum() / 2)
+        loss += float((Err.double() ** 2).sum() / 2)  # one device sync per block
         W[:, i2:] -= Err @ U[i1:i2, i2:]
 
     if grids is not None:

@@ -133,7 +133,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         out_f, in_f = self.codes.shape
-        gidx = torch.arange(in_f) // self.spec.group_width(in_f)  # (in,)
+        gidx = torch.arange(in_f, device=self.codes.device) // self.spec.group_width(in_f)  # (in,)
         q = self.codes.float()
         if self.zero is not None:
             q = q - self.zero.float()[:, gidx]
@@ -162,7 +162,7 @@ def rtn_quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
     gw = spec.group_width(in_f)
     offset = 1 << (spec.bits - 1)
     grids = group_grids(w, spec)
-    codes = torch.empty(out_f, in_f, dtype=torch.int8)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8, device=w.device)
     for j, grid in enumerate(grids):
         block = w[:, j * gw:(j + 1) * gw].float()
         codes[:, j * gw:(j + 1) * gw] = (quantize_codes(block, grid, spec.maxq) - offset).to(torch.int8)

@@ -85,7 +85,7 @@ def pca(second_moment: Tensor, damp: float = 0.01, retries: int = 4) -> PCA:
     for _ in range(retries + 1):
         lam = frac * scale
         try:
-            vals, vecs = torch.linalg.eigh(C + lam * torch.eye(C.shape[0], dtype=C.dtype))
+            vals, vecs = torch.linalg.eigh(C + lam * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             frac = max(frac * 10, 1e-6)
             continue
@@ -130,8 +130,9 @@ def shortcut_weight(src: Tensor | None, dst: Tensor | None, full: int) -> Tensor
     """
     if src is None and dst is None:
         return None
-    A = src if src is not None else torch.eye(full, dtype=torch.float64)
-    B = dst if dst is not None else torch.eye(full, dtype=torch.float64)
+    dev = (src if src is not None else dst).device  # type: ignore[union-attr]
+    A = src if src is not None else torch.eye(full, dtype=torch.float64, device=dev)
+    B = dst if dst is not None else torch.eye(full, dtype=torch.float64, device=dev)
     return B.T @ A
 
 
@@ -140,14 +141,14 @@ def head_map(src: Tensor | None, gamma: Tensor, dst: Tensor | None) -> Tensor:
     scaled by the final norm's γ, expressed in the (tied) head's basis ``B``."""
     g = gamma.to(torch.float64)
     D = g.shape[0]
-    A = src if src is not None else torch.eye(D, dtype=torch.float64)
-    B = dst if dst is not None else torch.eye(D, dtype=torch.float64)
+    A = src if src is not None else torch.eye(D, dtype=torch.float64, device=g.device)
+    B = dst if dst is not None else torch.eye(D, dtype=torch.float64, device=g.device)
     return B.T @ (g[:, None] * A)
 
 
 def rotate_rows(E: Tensor, basis: Tensor, chunk: int = 4096) -> Tensor:
     """``E·B`` for a tall matrix (an embedding table) in float64 row chunks, E's dtype out."""
-    out = torch.empty(E.shape[0], basis.shape[1], dtype=E.dtype)
+    out = torch.empty(E.shape[0], basis.shape[1], dtype=E.dtype, device=E.device)
     for i in range(0, E.shape[0], chunk):
         out[i:i + chunk] = (E[i:i + chunk].to(torch.float64) @ basis).to(E.dtype)
     return out
@@ -177,4 +178,4 @@ def unit_rows(x: Tensor) -> Tensor:
 def orthonormality_error(B: Tensor) -> float:
     """``max |BᵀB − I|`` (0 for orthonormal columns)."""
     B = B.to(torch.float64)
-    return float((B.T @ B - torch.eye(B.shape[1], dtype=torch.float64)).abs().max())
+    return float((B.T @ B - torch.eye(B.shape[1], dtype=torch.float64, device=B.device)).abs().max())

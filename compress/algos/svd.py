@@ -89,7 +89,7 @@ def whitening(G: Tensor, damp: float = 0.0) -> Whitening:
     if scale <= 0:
         raise NumericsError("the calibration Gram matrix is zero (no signal reached this layer)",
                             "check the calibration data, or use --no-whiten")
-    eye = torch.eye(G.shape[0], dtype=torch.float64)
+    eye = torch.eye(G.shape[0], dtype=torch.float64, device=G.device)
     shift = damp * scale
     L, info = torch.linalg.cholesky_ex(G + shift * eye)
     if int(info) == 0:
@@ -192,7 +192,7 @@ def rank_for_energy(sigma: Tensor, energy: float) -> int:
     if total <= 0:
         return 1
     cum = torch.cumsum(s2, 0) / total
-    r = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+    r = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=torch.float64, device=cum.device))) + 1
     return min(max(r, 1), sigma.numel())
 
 

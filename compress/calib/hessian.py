@@ -19,7 +19,7 @@ def symmetric_gram(x: Tensor, block: int = 512) -> Tensor:
     d = x.shape[1]
     if d < 2 * block:
         return x.T @ x
-    out = torch.empty(d, d, dtype=x.dtype)
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
     starts = list(range(0, d, block))
     xt = x.T.contiguous()  # (dim, rows): row blocks of xt are column blocks of x
     for i in starts:
@@ -30,20 +30,25 @@ def symmetric_gram(x: Tensor, block: int = 512) -> Tensor:
 
 
 class GramAccumulator:
-    """Running ``XᵀX`` (and row count) of a stream of ``[..., dim]`` activations."""
+    """Running ``XᵀX`` (and row count) of a stream of ``[..., dim]`` activations, accumulated on
+    the device of the activations (allocated by the first :meth:`add`)."""
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float64) -> None:
-        self.sum = torch.zeros(dim, dim, dtype=dtype)
+        self.dim = dim
+        self.dtype = dtype
+        self.sum: Tensor | None = None
         self.count = 0
 
     def add(self, x: Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (rows, dim)
+        if self.sum is None:
+            self.sum = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=x2.device)
         self.sum += symmetric_gram(x2).to(self.sum.dtype)
         self.count += x2.shape[0]
 
     def mean(self) -> Tensor:
         """``XᵀX / n`` in the accumulator dtype; NaN/Inf is a loud error."""
-        if self.count == 0:
+        if self.count == 0 or self.sum is None:
             raise NumericsError("no calibration rows reached this layer", "check the calibration data")
         out = self.sum / self.count
         if not torch.isfinite(out).all():

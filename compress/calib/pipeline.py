@@ -10,6 +10,7 @@ the activations with the (compressed) block's outputs for the next block.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from compress.arch import Adapter
 from compress.calib.hessian import GramAccumulator
+from compress.device import ActivationMode, activation_home, host_buffer
 from compress.model import get_module, set_module
 from compress.modules.protocol import calibration_mode
 
@@ -33,6 +35,10 @@ class CalibState:
     ``hidden`` is one preallocated ``[n_windows, seq, dim]`` tensor that every block's output is
     copied back into, batch by batch: no per-batch tensors outlive a forward, so the heap is not
     fragmented by a stream of replaced buffers. ``kwargs[b]`` are what batch b's block call takes.
+    ``hidden`` lives on the compute ``device`` or, when it does not fit there, on the host: then
+    :meth:`batch` moves one batch to the device and :meth:`store` copies the output back, so a
+    batch is the only activation on the device. Read batches with :meth:`batch` and write them
+    with :meth:`store` (never in place into a batch: on the host path it is a copy).
     """
 
     hidden: Tensor
@@ -42,6 +48,13 @@ class CalibState:
     #: columns of ``hidden`` in use (None: all); a block that changes the residual width (a
     #: sliced model) narrows it, so the buffer is never reallocated for narrower blocks
     width: int | None = None
+    #: where the blocks compute (None: where ``hidden`` is)
+    device: torch.device | None = None
+
+    @property
+    def offloaded(self) -> bool:
+        """The activations live on the host and travel to the device one batch at a time."""
+        return self.device is not None and self.hidden.device != self.device
 
     def call(self, layer: nn.Module, b: int, x: Tensor) -> object:
         """Call a block on batch ``b``'s input ``x`` with the extras it was called with."""
@@ -53,7 +66,8 @@ class CalibState:
 
     def batch(self, b: int) -> Tensor:
         x = self.hidden[b * self.batch_size:(b + 1) * self.batch_size]  # a view, no copy
-        return x if self.width is None or self.width == x.shape[-1] else x[..., :self.width]
+        x = x if self.width is None or self.width == x.shape[-1] else x[..., :self.width]
+        return x.to(self.device, non_blocking=True) if self.offloaded else x
 
     def store(self, b: int, out: Tensor) -> None:
         """Write batch ``b``'s block output over its input; the output may be wider or narrower
@@ -67,14 +81,21 @@ class CalibState:
     def set_width(self, width: int) -> None:
         self.width = None if width == self.hidden.shape[-1] else width
 
+    def scratch(self) -> CalibState:
+        """A second buffer of the same shape, home and batches (e.g. a block's mid residual)."""
+        buf = host_buffer(tuple(self.hidden.shape), self.hidden.dtype, self.device) if self.offloaded \
+            else torch.empty_like(self.hidden)
+        return CalibState(buf, self.kwargs, self.batch_size, self.args, self.width, self.device)
+
 
 class _Catcher(nn.Module):
     """Stands in for block 0: copies its input into ``buffer[rows]`` and stops the forward."""
 
-    def __init__(self, inner: nn.Module, n_windows: int) -> None:
+    def __init__(self, inner: nn.Module, n_windows: int, home: Callable[[int], torch.device]) -> None:
         super().__init__()
         self.inner = inner
         self.n_windows = n_windows
+        self.home = home
         self.buffer: Tensor | None = None
         self.kwargs: list[dict] = []
         self.args: list[tuple] = []
@@ -82,7 +103,10 @@ class _Catcher(nn.Module):
 
     def forward(self, hidden: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
         if self.buffer is None:
-            self.buffer = hidden.new_empty((self.n_windows, *hidden.shape[1:]))  # (windows, seq, dim)
+            shape = (self.n_windows, *hidden.shape[1:])  # (windows, seq, dim)
+            where = self.home(math.prod(shape) * hidden.element_size())
+            self.buffer = hidden.new_empty(shape) if where == hidden.device else \
+                host_buffer(shape, hidden.dtype, hidden.device)
         self.buffer[self.filled:self.filled + hidden.shape[0]] = hidden.detach()
         self.filled += hidden.shape[0]
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
@@ -93,15 +117,19 @@ class _Catcher(nn.Module):
         raise _StopForward
 
 
-def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor,
-                         batch_size: int) -> CalibState:
-    """Run the embeddings on every calibration batch and catch what block 0 receives."""
+def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int,
+                         device: torch.device | None = None, activations: ActivationMode = "auto") -> CalibState:
+    """Run the embeddings on every calibration batch and catch what block 0 receives.
+
+    The embeddings run on ``device`` (default: the host); the caught activations stay there when
+    they fit (:func:`compress.device.activation_home`, ``activations``), else on the host."""
+    device = device or torch.device("cpu")
     layers = get_module(model, adapter.layers)
-    catcher = _Catcher(layers[0], windows.shape[0])
+    catcher = _Catcher(layers[0], windows.shape[0], lambda n: activation_home(n, device, activations))
     layers[0] = catcher
     try:
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            for batch in windows.to(device).split(batch_size):
                 try:
                     model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
                 except _StopForward:
@@ -109,7 +137,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor,
     finally:
         layers[0] = catcher.inner
     assert catcher.buffer is not None and catcher.filled == windows.shape[0]
-    return CalibState(catcher.buffer, catcher.kwargs, batch_size, catcher.args)
+    return CalibState(catcher.buffer, catcher.kwargs, batch_size, catcher.args, device=device)
 
 
 def block_output(out: object) -> Tensor:

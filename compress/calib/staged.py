@@ -53,8 +53,7 @@ def run_staged(ctx: LayerContext, groups: list[list[str]], quantize: Quantize) -
     attn, mlp = ctx.module(a.role("attn")), ctx.module(a.role("mlp"))
     o_proj = lambda: ctx.module(a.role("o"))  # noqa: E731  (re-fetched: quantising swaps the module)
     down = lambda: ctx.module(a.role("down"))  # noqa: E731
-    buf = torch.empty_like(st.hidden)  # (windows, seq, dim): o's input, then the mid residual
-    view = lambda b: buf[b * st.batch_size:(b + 1) * st.batch_size]  # noqa: E731
+    buf = st.scratch()  # (windows, seq, ·): o's input, then the mid residual
     dt = ctx.hessian_dtype
 
     with torch.no_grad():
@@ -66,28 +65,31 @@ def run_staged(ctx: LayerContext, groups: list[list[str]], quantize: Quantize) -
         with calibration_mode(attn):
             acc = GramAccumulator(o_proj().in_features, dt)
             for b in st.batches():
-                _run_until(o_proj(), lambda x, b=b: (acc.add(x), view(b).copy_(x)),
+                _run_until(o_proj(), lambda x, b=b: (acc.add(x), buf.store(b, x)),
                            lambda b=b: attn(hidden_states=norm1(st.batch(b)), **_attn_kwargs(st.kwargs[b])))
+            buf.set_width(o_proj().in_features)
         _maybe(quantize, groups[1], acc)
 
         with calibration_mode(attn):
             acc = GramAccumulator(st.hidden.shape[-1], dt)
             for b in st.batches():
-                h = view(b)
-                h.copy_(st.batch(b) + o_proj()(h))
+                h = st.batch(b) + o_proj()(buf.batch(b))
+                buf.store(b, h)
                 acc.add(norm2(h))
+            buf.set_width(st.width or st.hidden.shape[-1])
         _maybe(quantize, groups[2], acc)
 
         with calibration_mode(mlp):
             acc = GramAccumulator(down().in_features, dt)
             for b in st.batches():
-                _run_until(down(), acc.add, lambda b=b: mlp(norm2(view(b))))
+                _run_until(down(), acc.add, lambda b=b: mlp(norm2(buf.batch(b))))
         _maybe(quantize, groups[3], acc)
 
         with calibration_mode(mlp):
             for b in st.batches():
-                h = view(b)
-                st.batch(b).copy_(h + block_output(mlp(norm2(h))))
+                h = buf.batch(b)
+                st.store(b, h + block_output(mlp(norm2(h))))
+        del buf
     ctx.propagated = True
 
 

@@ -61,7 +61,7 @@ class LowRankLinear(nn.Module):
         heads = 1 if V.dim() == 2 else V.shape[0]
         rank = V.shape[-2]
         out_f = V.shape[1] if heads == 1 else heads * V.shape[2]
-        m = cls(U.shape[0], out_f, rank, heads=heads, bias=bias is not None, dtype=dtype)
+        m = cls(U.shape[0], out_f, rank, heads=heads, bias=bias is not None, dtype=dtype, device=U.device)
         m.U.data = U.detach().to(dtype).contiguous()
         m.V.data = V.detach().to(dtype).contiguous()
         if bias is not None:

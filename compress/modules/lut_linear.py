@@ -55,7 +55,7 @@ class LutLinear(DecodedWeightCache, nn.Module):
                              f"got shape {tuple(codebook.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook.numel()):
             raise ValueError("indices out of the codebook's range")
-        m = cls(in_f, out_f, bits, group_size, bias is not None, scale.dtype)
+        m = cls(in_f, out_f, bits, group_size, bias is not None, scale.dtype, device=indices.device)
         m.weight_packed = pack_int32(indices.to(torch.int64) - (1 << (bits - 1)), bits, dim=1)  # stored unsigned
         m.weight_scale = scale.detach().clone()
         m.codebook = codebook.detach().to(torch.float32).clone()

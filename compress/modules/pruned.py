@@ -33,9 +33,10 @@ class PrunedLinear(nn.Linear):
     def from_dense(cls, linear: nn.Linear, keep_out: Tensor | None = None, keep_in: Tensor | None = None) -> PrunedLinear:
         """Keep the output rows ``keep_out`` and input columns ``keep_in`` (index tensors; None: all)."""
         w = linear.weight.detach()
-        rows = torch.arange(w.shape[0]) if keep_out is None else keep_out
-        cols = torch.arange(w.shape[1]) if keep_in is None else keep_in
-        m = cls(len(cols), len(rows), linear.in_features, linear.out_features, linear.bias is not None, w.dtype)
+        rows = torch.arange(w.shape[0], device=w.device) if keep_out is None else keep_out.to(w.device)
+        cols = torch.arange(w.shape[1], device=w.device) if keep_in is None else keep_in.to(w.device)
+        m = cls(len(cols), len(rows), linear.in_features, linear.out_features, linear.bias is not None, w.dtype,
+                device=w.device)
         m.weight.data = w[rows][:, cols].clone()
         if linear.bias is not None:
             m.bias.data = linear.bias.detach()[rows].clone()

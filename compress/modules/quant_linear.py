@@ -69,11 +69,11 @@ class QuantLinear(DecodedWeightCache, nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None) -> QuantLinear:
-        """Pack a :class:`QuantizedWeight` into a module (CPU)."""
+        """Pack a :class:`QuantizedWeight` into a module (on the device of its codes)."""
         out_f, in_f = qw.codes.shape
         gs = qw.spec.group_width(in_f)
         m = cls(in_f, out_f, qw.spec.bits, gs, qw.spec.symmetric, bias is not None,
-                qw.scale.dtype)
+                qw.scale.dtype, device=qw.codes.device)
         m.act_order, m.observer = qw.perm is not None, "mse" if qw.spec.mse else "minmax"
         m.weight_packed = pack_int32(qw.codes, qw.spec.bits, dim=1)
         m.weight_scale = qw.scale.clone()
@@ -177,7 +177,7 @@ class MixedQuantLinear(nn.Module):
             bounds.append((start, start + qw.codes.shape[1], qw.spec.bits))
             start += qw.codes.shape[1]
         m = cls(start, out_f, bounds, spec.group_width(parts[0].codes.shape[1]), spec.symmetric,
-                bias is not None, parts[0].scale.dtype, permuted=perm is not None)
+                bias is not None, parts[0].scale.dtype, device=parts[0].codes.device, permuted=perm is not None)
         for i, qw in enumerate(parts):
             m.segments[i] = QuantLinear.from_quantized(qw, None)
         if perm is not None:

@@ -365,7 +365,8 @@ class SliceGPTPass(Pass):
         """A weightless RMSNorm over the point's width that divides by the original width
         (adding back the point's sliced-off energy); returns its eps."""
         scale, eps = rms_norm_at_width(self._full, point.width, self._eps, point.dropped)
-        set_norm(norm, torch.full((point.width,), scale, dtype=dtype), eps)
+        dev = next(t.device for t in (*norm.parameters(), *norm.buffers()))  # the run's device
+        set_norm(norm, torch.full((point.width,), scale, dtype=dtype, device=dev), eps)
         return eps
 
     def _record(self, ctx: LayerContext, rel: str, src: _Point, dst: _Point, params: int, elem: int,
@@ -407,7 +408,8 @@ class SliceGPTPass(Pass):
                 M = head_map(last.basis, gamma, self._head_basis)  # (stored width, last width)
                 scale, eps = rms_norm_at_width(self._full, last.width, self._eps, last.dropped)
                 new = ProjectedRMSNorm(last.width, M.shape[0], eps, device="meta", dtype=dtype)
-                new.weight = nn.Parameter(torch.full((last.width,), scale, dtype=dtype), requires_grad=False)
+                new.weight = nn.Parameter(torch.full((last.width,), scale, dtype=dtype, device=M.device),
+                                          requires_grad=False)
                 new.proj.weight = nn.Parameter(M.to(dtype), requires_grad=False)
                 set_module(run.model, a.final_norm, new)
                 proj = M.shape[0]

@@ -16,6 +16,7 @@ from compress.arch import Adapter
 from compress.calib.pipeline import CalibState
 from compress.calib.protocol import Protocol
 from compress.checkpoint import CheckpointReader
+from compress.device import ActivationMode
 from compress.modules.kinds import SharedTensors, attach_shared, model_shared, parse_entry
 from compress.report import LayerRecord
 
@@ -40,6 +41,10 @@ class RunContext:
     shared: dict[str, dict] = field(default_factory=dict)
     #: groups added by this stage (saved by a resume commit)
     new_shared: list[str] = field(default_factory=list)
+    #: where blocks are computed (``--device``); activations: where the calibration activations
+    #: live (``auto``: on the device when they fit, see :func:`compress.device.activation_home`)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    activations: ActivationMode = "auto"
 
     def add_shared(self, group: str, tensors: dict[str, torch.Tensor]) -> SharedTensors:
         """Store ``tensors`` once as shared group ``group`` (``compress_shared.group.*`` in the

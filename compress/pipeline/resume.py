@@ -41,16 +41,19 @@ class Identity:
     stage: int
     calibration: str | None
     version: str
+    #: the compute device type (``cpu``/``cuda``): another device's numbers differ in the last bits
+    device: str = "cpu"
 
     def differences(self, other: dict) -> list[str]:
         what = {"input": "the input checkpoint changed", "recipe": "the recipe differs",
                 "stage": "the recipe differs", "calibration": "the calibration differs",
-                "version": "compress or torch changed version"}
+                "version": "compress or torch changed version",
+                "device": f"the partial run computed on another device (this one: {self.device})"}
         return [what[k] for k in what if other.get(k) != getattr(self, k)]
 
     def to_dict(self) -> dict:
         return {"input": self.input, "recipe": self.recipe, "stage": self.stage,
-                "calibration": self.calibration, "version": self.version}
+                "calibration": self.calibration, "version": self.version, "device": self.device}
 
 
 def load_point(partial: Path, identity: Identity) -> dict | None:

@@ -86,21 +86,26 @@ class BlockStats:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-def stats_key(statistic: Statistic, model_hash: str, calibration: str | None) -> tuple[str, dict]:
-    """The store key of ``statistic`` on a checkpoint and calibration, and what it was made of."""
+def stats_key(statistic: Statistic, model_hash: str, calibration: str | None,
+              device: str = "cpu") -> tuple[str, dict]:
+    """The store key of ``statistic`` on a checkpoint and calibration, and what it was made of
+    (the device type too: a CUDA Hessian differs from the CPU one in the last bits, and a run
+    on one device must give the same tensors whether or not the store had its statistics)."""
     parts = {"statistic": statistic.name, "version": statistic.version, "options": statistic.options,
              "model": model_hash, "calibration": calibration, "torch": torch.__version__.split("+")[0]}
+    if device != "cpu":  # CPU keys stay those of earlier releases, so their entries are reused
+        parts["device"] = device
     return fingerprint(**parts), parts
 
 
 def open_stats(statistic: Statistic, src: Path, calibration: str | None, n_blocks: int, *,
-               cache: bool, keep_all: bool, scratch_dir: Path) -> BlockStats:
+               cache: bool, keep_all: bool, scratch_dir: Path, device: str = "cpu") -> BlockStats:
     """The stage's statistics: in the shared work store; with ``cache=False`` nowhere (each
     block's statistics live only while it is applied) or, when a plan step needs every block's
     (``keep_all``), in a scratch store under ``scratch_dir`` that no other run reads."""
     if cache:
         store = WorkStore()
-        key, parts = stats_key(statistic, store.checkpoint_hash(src), calibration)
+        key, parts = stats_key(statistic, store.checkpoint_hash(src), calibration, device)
         return BlockStats(store, key, n_blocks, parts)
     if not keep_all:
         key, parts = stats_key(statistic, "uncached", calibration)

@@ -17,6 +17,7 @@ from torch import nn
 from compress._memory import trim
 from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
 from compress.checkpoint import CheckpointWriter
+from compress.device import rng_states, set_rng_states
 from compress.errors import CompressError
 from compress.modules.kinds import model_shared
 from compress.model import (
@@ -56,9 +57,9 @@ class Stream:
         """Load the embeddings, catch block 0's calibration inputs when something will read them,
         scan + plan when the pass has a plan step, let the pass begin, write the embeddings."""
         run = self.run
-        materialize_shared(run.model, run.reader)  # any block's modules may read them
+        materialize_shared(run.model, run.reader, run.device)  # any block's modules may read them
         for path in run.adapter.embeddings:
-            materialize(get_module(run.model, path), f"{path}.", run.reader)
+            materialize(get_module(run.model, path), f"{path}.", run.reader, device=run.device)
         self.missing = set(self.stats.missing()) if self.stats is not None else set()
         if self.calib is not None:
             run.notes["calibration"] = {"protocol": self.calib.protocol.name,
@@ -87,7 +88,9 @@ class Stream:
 
     def _capture(self) -> CalibState:
         assert self.calib is not None
-        return capture_block_inputs(self.run.model, self.run.adapter, self.calib.windows, self.batch_size)
+        run = self.run
+        return capture_block_inputs(run.model, run.adapter, self.calib.windows, self.batch_size, run.device,
+                                    run.activations)
 
     def _scan_all(self) -> None:
         """The read-only scan: every block up to the last missing one, dense, in order."""
@@ -111,7 +114,7 @@ class Stream:
         dense = get_module(self._input_skeleton(), run.adapter.layers)
         for i in range(upto):
             prefix = run.adapter.layer_prefix(i)
-            materialize(dense[i], prefix, run.reader)
+            materialize(dense[i], prefix, run.reader, device=run.device)
             with torch.no_grad():
                 yield LayerContext(i, prefix, dense[i], run.adapter, state)
             release(dense[i])
@@ -121,8 +124,8 @@ class Stream:
         """A fresh skeleton of the input checkpoint (its compressed modules and shared tensors
         as stored), whatever this run has already changed in ``run.model``."""
         run = self.run
-        model = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader))
-        materialize_shared(model, run.reader)
+        model = build_skeleton(run.reader, run.adapter, reader_manifest(run.reader), run.device)
+        materialize_shared(model, run.reader, run.device)
         return model
 
     def _scan(self, ctx: LayerContext) -> dict[str, torch.Tensor]:
@@ -148,7 +151,7 @@ class Stream:
         for i in range(start, n):
             prefix = run.adapter.layer_prefix(i)
             layer = layers[i]
-            materialize(layer, prefix, run.reader)
+            materialize(layer, prefix, run.reader, device=run.device)
             ctx = LayerContext(i, prefix, layer, run.adapter, run.state)
             if self.stats is not None:
                 ctx.stats = self._block_stats(ctx, n)
@@ -172,6 +175,8 @@ class Stream:
         assert self.stats is not None
         i = ctx.index
         stats = None if i in self.missing else self.stats.block(i)
+        if stats is not None:
+            stats = {k: t.to(self.run.device) for k, t in stats.items()}
         if stats is None:
             if self.run.state is None:  # stored but found corrupt or evicted: rebuild the dense inputs
                 self.run.state = self._replay_dense(i)
@@ -189,9 +194,10 @@ class Stream:
         run = self.run
         model = self._input_skeleton()
         for path in run.adapter.embeddings:
-            materialize(get_module(model, path), f"{path}.", run.reader)
+            materialize(get_module(model, path), f"{path}.", run.reader, device=run.device)
         assert self.calib is not None
-        state = capture_block_inputs(model, run.adapter, self.calib.windows, self.batch_size)
+        state = capture_block_inputs(model, run.adapter, self.calib.windows, self.batch_size, run.device,
+                                     run.activations)
         del model
         for ctx in self._dense_blocks(state, upto):
             ctx.propagate()
@@ -201,7 +207,7 @@ class Stream:
     def commit(self, blocks_done: int) -> None:
         """Commit the state after ``blocks_done`` blocks for ``--resume``."""
         run = self.run
-        tensors: dict[str, dict[str, torch.Tensor]] = {"rng": {"cpu": torch.get_rng_state()}}
+        tensors: dict[str, dict[str, torch.Tensor]] = {"rng": rng_states(run.device)}
         st = run.state
         if st is not None:
             width = st.width or st.hidden.shape[-1]
@@ -235,9 +241,7 @@ class Stream:
             run.add_shared(g, {k[len(prefix):]: t for k, t in saved.items() if k.startswith(prefix)})
         run.shared = dict(point.get("shared", run.shared))
         self.the_pass.restore_carry({**point.get("carry", {}), **resume_io.load_tensors(partial, point, "carry")})
-        rng = resume_io.load_tensors(partial, point, "rng")
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
+        set_rng_states(resume_io.load_tensors(partial, point, "rng"), run.device)
         hidden = resume_io.load_tensors(partial, point, "hidden").get("hidden")
         done = int(point["blocks_done"])
         if hidden is not None and run.state is not None:
@@ -253,7 +257,7 @@ class Stream:
             tie_head(run.model, run.adapter, run.reader)
             paths = [p for p in paths if p != run.adapter.head]
         for p in paths:
-            materialize(get_module(run.model, p), f"{p}.", run.reader)
+            materialize(get_module(run.model, p), f"{p}.", run.reader, device=run.device)
         self.the_pass.finish(run)
         record_modules(run, run.model, "")
         for p in paths:

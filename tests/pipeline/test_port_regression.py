@@ -6,8 +6,10 @@ eigendecomposition, whose results differ between CPUs: 111c395 itself, run on th
 wrote the fixtures and on another, differs by up to 4.8e-5 (low-rank) and 4.9e-3 (SliceGPT)
 relative per tensor, while today's code equals 111c395 on the same machine (bitwise / ≤ 1e-6,
 checked when this test was written). For those two the test compares what the model computes:
-the logits 111c395's loader gave on its own output. ``BENCHMARKS.md`` has the same-machine
-comparison on SmolLM2 and MiniLM."""
+the logits 111c395's loader gave on its own output, to 1e-3 of the largest logit — and to 5e-3
+after slice → GPTQ, where GPTQ's rounding amplifies the eigenvector differences (1.9e-3 measured
+on an AMD EPYC, not the machine that wrote the fixtures; a wrong rotation or code is off by O(1)).
+``BENCHMARKS.md`` has the same-machine comparison on SmolLM2 and MiniLM."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from compress.runner import run_recipe
 from tests.conftest import make_llama
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "manifest-v2"
-LOGIT_TOL = 1e-3  # of the largest logit
+LOGIT_TOL = {"lowrank-r0.6": 1e-3, "slice-then-gptq": 5e-3}  # of the largest logit
 CASES = {"rtn-w4g32": 0.0, "gptq-w3g32-asym": 1e-6, "lowrank-r0.6": "logits", "slice-then-gptq": "logits"}
 
 
@@ -41,7 +43,7 @@ def test_today_writes_the_tensors_111c395_wrote(case: str, base: Path, tmp_path:
         with torch.no_grad():
             got = compress.load(out)(expected["input_ids"]).logits.float()
         scale = expected["logits"].abs().max()
-        assert (got - expected["logits"]).abs().max() <= LOGIT_TOL * scale
+        assert (got - expected["logits"]).abs().max() <= LOGIT_TOL[case] * scale
         return
     old, new = CheckpointReader(FIXTURES / case), CheckpointReader(out)
     keys = set(old.keys()) - {"input_ids", "logits"}  # expected-logits.safetensors, for the migration test
