@@ -3,7 +3,7 @@
 The pipeline streams one block at a time onto the compute device; the input shards stay lazily
 read on the host. The calibration activations (``[windows, seq, hidden]``) live on the device
 when they fit beside the block's working set, else on the host, moved batch by batch
-(:func:`activation_home`). Results are written from the device to host memory as they leave.
+(:func:`offload_activations`). Results are written from the device to host memory as they leave.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         spec = str(spec)
     spec = spec.strip().lower()
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu":
         return torch.device("cpu")
     m = re.fullmatch(r"cuda(?::(\d+))?", spec)
@@ -53,16 +53,17 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def activation_home(nbytes: int, device: torch.device, mode: ActivationMode = "auto") -> torch.device:
-    """Where a calibration activation buffer of ``nbytes`` lives: on ``device`` (``device``, or
-    ``auto`` when it takes at most :data:`DEVICE_SHARE` of the free memory) or on the host
-    (``host``, or ``auto`` when it does not fit), moved to the device one batch at a time."""
-    if device.type == "cpu" or mode == "device":
-        return device
+def offload_activations(nbytes: int, device: torch.device, mode: ActivationMode = "auto") -> bool:
+    """Whether a calibration activation buffer of ``nbytes`` lives on the host and travels to
+    ``device`` one batch at a time: ``host``; ``auto`` when it takes more than
+    :data:`DEVICE_SHARE` of the device's free memory; never for ``device``. On a CPU run ``host``
+    still copies every batch (it exercises exactly what a GPU run with offload does)."""
     if mode == "host":
-        return torch.device("cpu")
+        return True
+    if mode == "device" or device.type == "cpu":
+        return False
     free = free_bytes(device)
-    return device if free is None or nbytes <= DEVICE_SHARE * free else torch.device("cpu")
+    return free is not None and nbytes > DEVICE_SHARE * free
 
 
 def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, compute: torch.device) -> torch.Tensor:

@@ -50,7 +50,7 @@ def build_skeleton(reader: CheckpointReader, adapter: Adapter | None = None,
     adapter = adapter or get_adapter(reader.config)
     cfg = load_config(reader)
     auto = getattr(transformers, adapter.auto_class)
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+    with torch.device("cpu"), init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = auto.from_config(cfg, attn_implementation=adapter.attention, dtype=config_dtype(cfg))
     model.eval()

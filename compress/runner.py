@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from compress.calib.protocol import (
     Protocol, calibration_windows, corpus_protocol_name, fingerprint, get_protocol, split_lines,
     tokenize_joined)
 from compress.checkpoint import CheckpointReader, CheckpointWriter, prepare_output
-from compress.device import ActivationMode, resolve_device
+from compress.device import ActivationMode
+from compress.distributed import agree, barrier, join
 from compress.errors import CompressError
 from compress.model import build_skeleton, get_module, reader_manifest
 from compress.pipeline import resume as resume_io
@@ -98,19 +100,57 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
     ``cache=False`` neither reads nor writes the work store. ``resume`` continues a killed run
     of the same command from its last committed block (``OUT.partial``); without it a partial
     run is discarded. ``device`` (``auto``: CUDA when present) is where the blocks compute;
-    ``activations`` where the calibration activations live (:func:`compress.device.activation_home`)."""
+    ``activations`` where the calibration activations live (:func:`compress.device.offload_activations`)."""
     bound_allocator()
-    dev = resolve_device(device)
+    group, dev = join(device)
     model = Path(model)
+    if group.size == 1:
+        return _run_stages(recipe, model, _checked_output(recipe, model, out, overwrite, force, resume),
+                           progress, cache, resume, dev, activations, overwrite or force)
+    # data parallel (compress.distributed): process 0 writes OUT, the others a scratch copy
+    if resume:
+        raise CompressError("--resume in a run of several processes", "resume with one process")
+    scratch = None
+    if not group.main:  # beside OUT: the filesystem the user sized for the output
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".compress-rank{group.rank}-", dir=Path(out).resolve().parent))
+    try:
+        error: CompressError | None = None
+        try:
+            target = out if scratch is None else scratch / Path(out).name
+            target = _checked_output(recipe, model, target, overwrite, force, False)
+        except CompressError as e:
+            error = e
+        if not agree(error is None):  # every process stops, none waits for a sum that never comes
+            raise error or CompressError("another process of this data-parallel run refused its input",
+                                         "see the first process's message")
+        _run_stages(recipe, model, target, progress if group.main else None, False, False, dev, activations,
+                    (overwrite or force) and group.main)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        barrier()
+    return Path(out)
+
+
+def _checked_output(recipe: Recipe, model: Path, out: Path, overwrite: bool, force: bool, resume: bool) -> Path:
+    """The checks before any work: the input, the output path, the corpus, the stage chain and,
+    with ``resume``, that there is a matching partial run; returns the output path."""
     CheckpointReader(model)  # validate the input before any work
     out = prepare_output(out, [model], overwrite, force)
     if recipe.calibrates:
         load_corpus(recipe.calibration.data)
     check_chain(recipe, model)
+    if resume:
+        _check_resumable(out, recipe, model, out.with_name(f".{out.name}.stages"))
+    return out
+
+
+def _run_stages(recipe: Recipe, model: Path, out: Path, progress: Progress | None, cache: bool, resume: bool,
+                dev: torch.device, activations: ActivationMode, overwrite: bool) -> Path:
+    """Every stage in turn (intermediate ones into ``.OUT.stages``); ``out`` has been checked."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stages_dir = out.with_name(f".{out.name}.stages")
-    if resume:
-        _check_resumable(out, recipe, model, stages_dir)
     if not resume:
         shutil.rmtree(stages_dir, ignore_errors=True)
     src = model
@@ -123,7 +163,7 @@ def run_recipe(recipe: Recipe, model: Path, out: Path, *, overwrite: bool = Fals
         if not last:
             stages_dir.mkdir(exist_ok=True)
             shutil.rmtree(dst, ignore_errors=True)
-        run_stage(recipe, i, src, dst, overwrite=(overwrite or force) if last else False,
+        run_stage(recipe, i, src, dst, overwrite=overwrite if last else False,
                   progress=progress, cache=cache, resume=resume, device=dev, activations=activations)
         if not last:
             _mark_stage_done(dst, recipe, i, src)

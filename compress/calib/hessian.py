@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from compress.distributed import all_reduce_sum, world
 from compress.errors import NumericsError
 
 
@@ -38,6 +39,7 @@ class GramAccumulator:
         self.dtype = dtype
         self.sum: Tensor | None = None
         self.count = 0
+        self._reduced = False
 
     def add(self, x: Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (rows, dim)
@@ -48,6 +50,7 @@ class GramAccumulator:
 
     def mean(self) -> Tensor:
         """``XᵀX / n`` in the accumulator dtype; NaN/Inf is a loud error."""
+        self._reduce()
         if self.count == 0 or self.sum is None:
             raise NumericsError("no calibration rows reached this layer", "check the calibration data")
         out = self.sum / self.count
@@ -55,3 +58,15 @@ class GramAccumulator:
             raise NumericsError("calibration statistics contain NaN/Inf",
                                 "the model overflows on the calibration data; try float32 weights")
         return out
+
+    def _reduce(self) -> None:
+        """In a data-parallel run, sum ``XᵀX`` and the row count over the processes (once)."""
+        if self._reduced or world().size == 1:
+            return
+        if self.sum is None:  # no rows here; the others' sum is still this statistic
+            raise NumericsError("a process of the data-parallel run saw no calibration rows",
+                                "use fewer processes or more calibration windows")
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+        all_reduce_sum(self.sum)
+        self.count = int(all_reduce_sum(count).item())
+        self._reduced = True

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from compress.arch import Adapter
 from compress.calib.hessian import GramAccumulator
-from compress.device import ActivationMode, activation_home, host_buffer
+from compress.device import ActivationMode, host_buffer, offload_activations
 from compress.model import get_module, set_module
 from compress.modules.protocol import calibration_mode
 
@@ -50,11 +50,8 @@ class CalibState:
     width: int | None = None
     #: where the blocks compute (None: where ``hidden`` is)
     device: torch.device | None = None
-
-    @property
-    def offloaded(self) -> bool:
-        """The activations live on the host and travel to the device one batch at a time."""
-        return self.device is not None and self.hidden.device != self.device
+    #: ``hidden`` lives on the host and every batch is copied to ``device`` and back
+    offloaded: bool = False
 
     def call(self, layer: nn.Module, b: int, x: Tensor) -> object:
         """Call a block on batch ``b``'s input ``x`` with the extras it was called with."""
@@ -67,7 +64,7 @@ class CalibState:
     def batch(self, b: int) -> Tensor:
         x = self.hidden[b * self.batch_size:(b + 1) * self.batch_size]  # a view, no copy
         x = x if self.width is None or self.width == x.shape[-1] else x[..., :self.width]
-        return x.to(self.device, non_blocking=True) if self.offloaded else x
+        return x.to(self.device, non_blocking=True, copy=True) if self.offloaded else x
 
     def store(self, b: int, out: Tensor) -> None:
         """Write batch ``b``'s block output over its input; the output may be wider or narrower
@@ -85,17 +82,18 @@ class CalibState:
         """A second buffer of the same shape, home and batches (e.g. a block's mid residual)."""
         buf = host_buffer(tuple(self.hidden.shape), self.hidden.dtype, self.device) if self.offloaded \
             else torch.empty_like(self.hidden)
-        return CalibState(buf, self.kwargs, self.batch_size, self.args, self.width, self.device)
+        return CalibState(buf, self.kwargs, self.batch_size, self.args, self.width, self.device, self.offloaded)
 
 
 class _Catcher(nn.Module):
     """Stands in for block 0: copies its input into ``buffer[rows]`` and stops the forward."""
 
-    def __init__(self, inner: nn.Module, n_windows: int, home: Callable[[int], torch.device]) -> None:
+    def __init__(self, inner: nn.Module, n_windows: int, offload: Callable[[int], bool]) -> None:
         super().__init__()
         self.inner = inner
         self.n_windows = n_windows
-        self.home = home
+        self.offload = offload
+        self.offloaded = False
         self.buffer: Tensor | None = None
         self.kwargs: list[dict] = []
         self.args: list[tuple] = []
@@ -104,9 +102,8 @@ class _Catcher(nn.Module):
     def forward(self, hidden: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
         if self.buffer is None:
             shape = (self.n_windows, *hidden.shape[1:])  # (windows, seq, dim)
-            where = self.home(math.prod(shape) * hidden.element_size())
-            self.buffer = hidden.new_empty(shape) if where == hidden.device else \
-                host_buffer(shape, hidden.dtype, hidden.device)
+            self.offloaded = self.offload(math.prod(shape) * hidden.element_size())
+            self.buffer = host_buffer(shape, hidden.dtype, hidden.device) if self.offloaded else hidden.new_empty(shape)
         self.buffer[self.filled:self.filled + hidden.shape[0]] = hidden.detach()
         self.filled += hidden.shape[0]
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
@@ -122,10 +119,10 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, ba
     """Run the embeddings on every calibration batch and catch what block 0 receives.
 
     The embeddings run on ``device`` (default: the host); the caught activations stay there when
-    they fit (:func:`compress.device.activation_home`, ``activations``), else on the host."""
+    they fit (:func:`compress.device.offload_activations`, ``activations``), else on the host."""
     device = device or torch.device("cpu")
     layers = get_module(model, adapter.layers)
-    catcher = _Catcher(layers[0], windows.shape[0], lambda n: activation_home(n, device, activations))
+    catcher = _Catcher(layers[0], windows.shape[0], lambda n: offload_activations(n, device, activations))
     layers[0] = catcher
     try:
         with torch.no_grad():
@@ -137,7 +134,8 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, ba
     finally:
         layers[0] = catcher.inner
     assert catcher.buffer is not None and catcher.filled == windows.shape[0]
-    return CalibState(catcher.buffer, catcher.kwargs, batch_size, catcher.args, device=device)
+    return CalibState(catcher.buffer, catcher.kwargs, batch_size, catcher.args, device=device,
+                      offloaded=catcher.offloaded)
 
 
 def block_output(out: object) -> Tensor:

@@ -106,7 +106,7 @@ def tokenize_joined(tokenizer, lines: list[str], chunk_lines: int = 2000) -> tor
 
 def _encode(tokenizer, text: str, special: bool) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.int64)
+    return torch.tensor(ids, dtype=torch.int64, device="cpu")  # token ids live on the host
 
 
 def _special_affixes(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +116,8 @@ def _special_affixes(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     full = _encode(tokenizer, probe, special=True).tolist()
     for start in range(len(full) - len(bare) + 1):
         if full[start:start + len(bare)] == bare:
-            return (torch.tensor(full[:start], dtype=torch.int64),
-                    torch.tensor(full[start + len(bare):], dtype=torch.int64))
+            return (torch.tensor(full[:start], dtype=torch.int64, device="cpu"),
+                    torch.tensor(full[start + len(bare):], dtype=torch.int64, device="cpu"))
     raise ValueError("cannot locate the text inside the tokenizer's special-token template")
 
 
@@ -127,8 +127,8 @@ def calibration_windows(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     if n < L:
         raise CompressError(f"calibration text has {n} tokens, fewer than one {L}-token window",
                             "use a longer corpus or a smaller --seq-len")
-    g = torch.Generator().manual_seed(protocol.seed)
-    starts = torch.randint(0, n - L + 1, (protocol.n_calib,), generator=g)
+    g = torch.Generator(device="cpu").manual_seed(protocol.seed)
+    starts = torch.randint(0, n - L + 1, (protocol.n_calib,), generator=g, device="cpu")
     return torch.stack([ids[s:s + L] for s in starts.tolist()])
 
 

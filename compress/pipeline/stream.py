@@ -18,6 +18,7 @@ from compress._memory import trim
 from compress.calib.pipeline import CalibState, LayerContext, capture_block_inputs
 from compress.checkpoint import CheckpointWriter
 from compress.device import rng_states, set_rng_states
+from compress.distributed import share, world
 from compress.errors import CompressError
 from compress.modules.kinds import model_shared
 from compress.model import (
@@ -64,6 +65,8 @@ class Stream:
         if self.calib is not None:
             run.notes["calibration"] = {"protocol": self.calib.protocol.name,
                                         "windows": list(self.calib.windows.shape)}
+            if world().size > 1:
+                run.notes["data_parallel"] = {"processes": world().size, "device": run.device.type}
             if self.needs.activations or self.missing or self.stats is None:
                 run.state = self._capture()
         if self.stats is not None and not self.fused:
@@ -89,8 +92,13 @@ class Stream:
     def _capture(self) -> CalibState:
         assert self.calib is not None
         run = self.run
-        return capture_block_inputs(run.model, run.adapter, self.calib.windows, self.batch_size, run.device,
+        return capture_block_inputs(run.model, run.adapter, self._windows(), self.batch_size, run.device,
                                     run.activations)
+
+    def _windows(self) -> torch.Tensor:
+        """This process's calibration windows (all of them, or its share in a data-parallel run)."""
+        assert self.calib is not None
+        return share(self.calib.windows, self.batch_size, world())
 
     def _scan_all(self) -> None:
         """The read-only scan: every block up to the last missing one, dense, in order."""
@@ -196,7 +204,7 @@ class Stream:
         for path in run.adapter.embeddings:
             materialize(get_module(model, path), f"{path}.", run.reader, device=run.device)
         assert self.calib is not None
-        state = capture_block_inputs(model, run.adapter, self.calib.windows, self.batch_size, run.device,
+        state = capture_block_inputs(model, run.adapter, self._windows(), self.batch_size, run.device,
                                      run.activations)
         del model
         for ctx in self._dense_blocks(state, upto):
