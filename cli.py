@@ -8,22 +8,20 @@ any work where they can be detected); gate and validation failures exit with cod
 
 from __future__ import annotations
 
-import errno
 import inspect
 import json
-import sys
+import os
 import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
 
 from compress import cliopts
 from compress.cliui import (
-    Steps, check_json_writable, console, eval_json_target, out_console, output_notes, print_eval,
-    usage_error_classes, write_json, wrote_line)
+    Steps, check_json_writable, console, device_placement, eval_json_target, out_console, output_notes, print_eval,
+    run_app, write_json, wrote_line)
 from compress.errors import CompressError
 from compress.pipeline.pass_api import PassConfig
 from compress.recipe import CalibrationConfig, Recipe
@@ -48,8 +46,17 @@ NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor w
                                                              "statistics ($COMPRESS_CACHE/work)")]
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="random seed [default: 0]", show_default=False)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help="also write the results as JSON here")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="where to run [default: auto]",
-                                        show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", show_default=False,
+                                        help="where to compute (auto: CUDA when present) [default: auto]")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="run the Python code a checkpoint ships "
+                                                                   "(auto_map); off by default")]
+Activations = Enum("Activations", {m: m for m in ("auto", "device", "host")}, type=str)  # type: ignore[misc]
+ActivationsOpt = Annotated[Activations, typer.Option(
+    "--activations", metavar="auto|device|host", show_default=False, case_sensitive=False,
+    help="where calibration activations live: on the device if they fit (auto), or on the host, moved per batch")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    "--device-map", metavar="auto|balanced|sequential", show_default=False,
+    help="spread the model over the GPUs, CPU memory and disk with accelerate (instead of --device)")]
 
 CALIB_FLAGS = cliopts.flags_for(CalibrationConfig, skip=(), defaults={"data": "the brown corpus"})
 EVAL_PROTOCOL = next(f for f in CALIB_FLAGS if f.field == "protocol")
@@ -63,16 +70,21 @@ def _examples(*lines: str) -> str:
 # -- progress ------------------------------------------------------------------------------
 # -- running a recipe ----------------------------------------------------------------------
 def _execute(recipe: Recipe, model: str, output: Path, overwrite: bool, force: bool, *,
-             cache: bool = True, resume: bool = False) -> Path:
+             cache: bool = True, resume: bool = False, device: str = "auto", activations: str = "auto",
+             trust_remote_code: bool = False) -> Path:
     from compress.assets import resolve_model
     from compress.report import print_table, read_json
+    from compress.distributed import world
     from compress.runner import run_recipe
 
+    _trust(trust_remote_code)
     src = resolve_model(model)
     t0 = time.perf_counter()
     with Steps() as steps:
         out = run_recipe(recipe, src, output, overwrite=overwrite, force=force, progress=steps,
-                         cache=cache, resume=resume)
+                         cache=cache, resume=resume, device=device, activations=activations)
+    if not world().main:  # a data-parallel run: process 0 reports
+        return out
     report = out / "reports" / "report.json"
     if report.is_file():
         print_table(read_json(report), console, title=f"{out.name}: per-layer report",
@@ -127,11 +139,22 @@ def _p(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> in
 
 def _head_params() -> list[inspect.Parameter]:
     return [_p("model", ModelArg), _p("output", OutOpt), _p("overwrite", OverwriteOpt, False),
-            _p("force", ForceOpt, False), _p("resume", ResumeOpt, False), _p("no_cache", NoCacheOpt, False)]
+            _p("force", ForceOpt, False), _p("resume", ResumeOpt, False), _p("no_cache", NoCacheOpt, False),
+            _p("device", DeviceOpt, "auto"), _p("activations", ActivationsOpt, Activations.auto),
+            _p("trust_remote_code", TrustOpt, False)]
 
 
-def _run_flags(kw: dict[str, Any]) -> dict[str, bool]:
-    return {"cache": not kw["no_cache"], "resume": kw["resume"]}
+def _run_flags(kw: dict[str, Any]) -> dict[str, Any]:
+    return {"cache": not kw["no_cache"], "resume": kw["resume"], "device": kw["device"],
+            "activations": kw["activations"].value, "trust_remote_code": kw["trust_remote_code"]}
+
+
+def _trust(on: bool) -> None:
+    """``--trust-remote-code``: let this command (and the processes it starts) run a checkpoint's code."""
+    if on:
+        from compress.arch import REMOTE_CODE_ENV
+
+        os.environ[REMOTE_CODE_ENV] = "1"
 
 
 # -- generated per-pass commands ------------------------------------------------------------
@@ -276,7 +299,9 @@ def _run_command(**kw: Any) -> None:
     if kw["seed"] is not None:
         rec = rec.model_copy(update={"seed": kw["seed"]})
     out = _execute(rec, kw["model"], kw["output"], kw["overwrite"], kw["force"], **_run_flags(kw))
-    if kw["gates"] and rec.gates is not None:
+    from compress.distributed import world
+
+    if kw["gates"] and rec.gates is not None and world().main:
         _check_gates(rec.gates, out, kw["model"])
 
 
@@ -327,20 +352,22 @@ def eval_cmd(
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help=(
         "where to write the results [default: MODEL/eval-PROTOCOL.json for a writable compress output, "
         "else not written]"), show_default=False)] = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,  # type: ignore[assignment]
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Perplexity, dense perplexity, size and fidelity (KL, top-1) under a named protocol."""
+    _trust(trust_remote_code)
     from compress.assets import resolve_model
-    from compress.bench import resolve_device
     from compress.calib.protocol import corpus_protocol_name, get_protocol
     from compress.eval import evaluate
 
+    dev, dmap = device_placement(device, device_map)
     get_protocol(protocol)
     mdir = resolve_model(model)
     target = eval_json_target(json_path, mdir, corpus_protocol_name(protocol, data))
     with Steps() as steps:
-        res = evaluate(model, against, protocol=protocol, data=data, progress=steps,
-                       device=resolve_device(device))
+        res = evaluate(model, against, protocol=protocol, data=data, progress=steps, device=dev, device_map=dmap)
     print_eval(res)
     if target is None:
         console.print(f"results not saved ({mdir} is not a writable compress output): pass --json FILE",
@@ -393,8 +420,9 @@ def list_cmd(
 
 
 @app.command("inspect", epilog=_examples("compress inspect out/w4", "compress inspect smollm2-135m"))
-def inspect_model(model: ModelArg) -> None:
+def inspect_model(model: ModelArg, trust_remote_code: TrustOpt = False) -> None:
     """Architecture, sizes and the compression manifest of a checkpoint."""
+    _trust(trust_remote_code)
     from compress.summary import describe
 
     out_console.print(describe(model))
@@ -404,9 +432,11 @@ def inspect_model(model: ModelArg) -> None:
 def plan(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe")],
     model: ModelArg,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Dry run: validate, print the stages with their effective options, estimate output size and
     peak memory."""
+    _trust(trust_remote_code)
     from compress.recipe import load_recipe
     from compress.summary import plan_recipe
 
@@ -428,6 +458,7 @@ def demo(
     protocol: Annotated[str, typer.Option(metavar="NAME", help="protocol for calibration and evaluation "
                                                                "[default: brown-512]",
                                           show_default=False)] = "brown-512",
+    device: DeviceOpt = "auto",
 ) -> None:
     """GPTQ W4 g64 on SmolLM2-135M with the brown corpus, then the evaluation table."""
     from compress.assets import cache_dir, materialize
@@ -439,9 +470,10 @@ def demo(
     out = output or cache_dir() / "demo" / "smollm2-135m-gptq-w4g64"
     config = get_pass("gptq").config_cls(bits=4, group_size=64)
     calib = _calibration({"protocol": protocol}, "demo")
-    _execute(_recipe("demo-gptq-w4g64", [("gptq", config)], calib, 0), str(src), out, overwrite=True, force=False)
+    _execute(_recipe("demo-gptq-w4g64", [("gptq", config)], calib, 0), str(src), out, overwrite=True, force=False,
+             device=device)
     with Steps() as steps:
-        print_eval(evaluate(out, src, protocol=protocol, progress=steps))
+        print_eval(evaluate(out, src, protocol=protocol, progress=steps, device=device_placement(device, None)[0]))
 
 
 # -- serving: validate, bench, generate ----------------------------------------------------
@@ -464,8 +496,10 @@ def validate_cmd(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run every compressed module's kernel path and its float64 reference; exit 1 past tolerance."""
+    _trust(trust_remote_code)
     from compress.bench import resolve_device
     from compress.validate import module_table, parse_tolerance, summary_table, validate
 
@@ -497,21 +531,25 @@ def bench(
                                                           "[default: 32]", show_default=False)] = 32,
     repeats: Annotated[int, typer.Option(metavar="N", help="timed runs per phase (median reported) [default: 3]",
                                          show_default=False)] = 3,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,  # type: ignore[assignment]
+    device_map: DeviceMapOpt = None,
     isolate: Annotated[bool, typer.Option(
         "--isolate/--in-process", help="a fresh process per measurement (clean peak memory) or all in this one "
                                        "[default: --isolate]", show_default=False)] = True,
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Per-layer and end-to-end latency and peak memory, compressed vs dense (prefill and decode)."""
+    _trust(trust_remote_code)
     from compress.bench import run_bench
     from compress.bench_report import layer_table, phase_table
 
     check_json_writable(json_path)
+    dev, dmap = device_placement(device, device_map)
     with Steps() as steps:
-        report = run_bench(model, against, seqs=seq, decode_tokens=decode_tokens, prompt=prompt,
-                           repeats=repeats, device=device, seed=seed, isolate=isolate, progress=steps)
+        report = run_bench(model, against, seqs=seq, decode_tokens=decode_tokens, prompt=prompt, repeats=repeats,
+                           device=dev or "auto", device_map=dmap, seed=seed, isolate=isolate, progress=steps)
     out_console.print(layer_table(report))
     out_console.print(phase_table(report))
     if json_path is not None:
@@ -534,67 +572,26 @@ def generate(
                                          show_default=False)] = 0.9,
     seed: SeedOpt = 0,
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,  # type: ignore[assignment]
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Generate text with MODEL served through the shared kernels, so you can see it talk."""
-    from compress.bench import resolve_device
+    _trust(trust_remote_code)
     from compress.generate import generate as run_generate
 
+    dev, dmap = device_placement(device, device_map)
     res = run_generate(model, prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                       top_p=top_p, seed=seed, chat=chat, device=resolve_device(device))
+                       top_p=top_p, seed=seed, chat=chat, device=dev, device_map=dmap)
     out_console.print(res.text, markup=False, highlight=False)
     console.print(f"{res.new_tokens} tokens in {res.seconds:.2f} s ({res.new_tokens / res.seconds:.1f} tok/s), "
                   f"prompt {res.prompt_tokens} tokens, served by {res.served_by}", highlight=False, soft_wrap=True)
 
 
-_FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
 def main() -> None:
     """Console entry point: one line and exit code 2 for user errors, no tracebacks."""
     _register_pass_commands()
-    usage_errors = usage_error_classes()
-    try:
-        rv = app(standalone_mode=False)  # Typer returns exit codes (Ctrl-C → 130) in this mode
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
-            if rv == 130:
-                console.print("[red]interrupted[/red]: no output was written")
-            sys.exit(rv)
-    except CompressError as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except ValidationError as e:
-        err = e.errors()[0]
-        console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}", soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]: no output was written")
-        sys.exit(130)
-    except OSError as e:  # the environment, not a bug: permissions, read-only or full disks
-        if e.errno not in _FS_ERRNOS:
-            raise
-        where = f" ({e.filename})" if e.filename else ""
-        console.print(f"[red]error:[/red] {e.strerror}{where} — free space or choose a writable location; "
-                      "no output was written", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        console.print("[red]aborted[/red]")
-        sys.exit(130)
-    except usage_errors as e:  # usage errors arrive here in non-standalone mode
-        e.show()  # usage line + "Error: ..." (bare `compress`: the help text)
-        sys.exit(getattr(e, "exit_code", 2))
-    except Exception as e:
-        # an abort/exit class of the other click flavour (e.g. click.exceptions.Abort)
-        name = type(e).__name__ if type(e).__module__.split(".")[0] in ("click", "typer") else ""
-        if name == "Abort":
-            console.print("[red]aborted[/red]")
-            sys.exit(130)
-        if name == "Exit" and isinstance(getattr(e, "exit_code", None), int):
-            sys.exit(e.exit_code)
-        raise
-
+    run_app(app)
 
 if __name__ == "__main__":
     main()

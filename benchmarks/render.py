@@ -1,7 +1,7 @@
 """Markdown tables for BENCHMARKS.md, printed from the results JSON (never typed in by hand).
 
 Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e | depth | cache-reuse |
-       resume | port-regression | plan-truth
+       resume | port-regression | plan-truth | device-map
 """
 
 from __future__ import annotations
@@ -168,10 +168,32 @@ def plan_truth() -> str:
     return "\n".join(lines)
 
 
+def device_map() -> str:
+    """``compress eval`` of one GPTQ W4 g64 output on one device, with ``--device-map auto`` and
+    with every other block offloaded to disk: the PPLs and whether they are equal."""
+    path = RESULTS / "devices.json"
+    d = json.loads(path.read_text()).get("device_map") if path.is_file() else None
+    head = ["| placement | PPL | dense PPL | eval tokens | command |", "|---|---|---|---|---|"]
+    if d is None:
+        return "\n".join([*head, "| — | not measured | — | — | — |"])
+    lines = list(head)
+    for r in d["rows"]:
+        lines.append(f"| {r['case']} | {r['ppl']:.4f} | {r['dense_ppl']:.4f} | {r['eval_tokens']:,} | "
+                     f"`{r['command']}` |")
+    m = d["machine"]
+    auto = ", ".join(f"`{k or '(all)'}` → {v}" for k, v in d["auto_map"].items())
+    same = {True: "**equal**", False: "**not equal**"}
+    lines += ["", f"{d['scheme']} (`{d['quantize_command']}`). PPL with `--device-map auto` vs `--device cpu`: "
+                  f"{same[d['ppl_equal_auto']]}; with the even blocks on disk: {same[d['ppl_equal_disk']]} (max rel. "
+                  f"diff {d['max_rel_diff']:.1e}). The map `auto` chose here: {auto}. {d['protocol']}, {m['date']}, "
+                  f"{m['cpu']}, {m['cores']} cores."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
-             "plan-truth": plan_truth}
+             "plan-truth": plan_truth, "device-map": device_map}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

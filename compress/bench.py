@@ -75,6 +75,8 @@ class BenchReport:
     machine: dict[str, Any]
     phases: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    #: the ``--device-map`` both models were placed with (None: all on ``device``)
+    device_map: Any = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -211,20 +213,23 @@ def _decode_runner(model: nn.Module, timer: BlockTimer, clock: _Clock, prompt_id
 
 @torch.inference_mode()
 def measure(model_dir: str, phase: str, tokens: int, *, repeats: int = 3, prompt: int = 32,
-            device: str = "cpu", seed: int = 0) -> PhaseResult:
-    """Load ``model_dir`` and time one phase in this process (what the child process runs)."""
+            device: str = "cpu", seed: int = 0, device_map: Any = None) -> PhaseResult:
+    """Load ``model_dir`` and time one phase in this process (what the child process runs);
+    with ``device_map`` the model is placed by ``accelerate`` and timed on the map's main device."""
     from compress.api import load
     from compress.model import get_module
+    from compress.placement import input_device, main_device
 
     dev = torch.device(device)
-    model = load(model_dir, device=dev)
+    model = load(model_dir, device=dev) if device_map is None else load(model_dir, device_map=device_map)
+    dev = dev if device_map is None else main_device(model)
     adapter = model.compress_adapter
     blocks = get_module(model, adapter.layers)
     clock = _Clock(dev)
     timer = BlockTimer(blocks, adapter.layers, clock)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(int(model.config.vocab_size), (1, tokens if phase == "prefill" else prompt),
-                        generator=gen).to(dev)  # random ids: the cost does not depend on the text
+                        generator=gen).to(input_device(model))  # random ids: the cost does not depend on the text
     run = (_prefill_runner(model, timer, clock, ids, adapter.causal) if phase == "prefill"
            else _decode_runner(model, timer, clock, ids, tokens))
     loaded, _ = _memory(dev)
@@ -254,10 +259,11 @@ def _child_main(argv: list[str]) -> None:
 
 # -- the parent ----------------------------------------------------------------------------
 def run_child(model_dir: Path, phase: str, tokens: int, *, repeats: int, prompt: int, device: str,
-              seed: int) -> PhaseResult:
-    """Measure one (model, phase) in a fresh ``python -m compress.bench`` process."""
+              seed: int, device_map: Any = None) -> PhaseResult:
+    """Measure one (model, phase) in a fresh ``python -m compress.bench`` process (the device
+    map, a strategy or a JSON-able dict, is passed through)."""
     args = {"model_dir": str(model_dir), "phase": phase, "tokens": tokens, "repeats": repeats,
-            "prompt": prompt, "device": device, "seed": seed}
+            "prompt": prompt, "device": device, "seed": seed, "device_map": device_map}
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "compress.bench", json.dumps(args)], capture_output=True,
@@ -298,13 +304,10 @@ def device_label(device: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CompressError("--device cuda but no CUDA device is available", "use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise CompressError(f"unknown --device {device!r}", "use auto, cpu or cuda")
-    return device
+    """``--device`` as a string torch accepts (``cuda:1``), checked against the machine."""
+    from compress.device import resolve_device as resolve
+
+    return str(resolve(device))
 
 
 def _check_sizes(reader, seqs: list[int], decode_tokens: int, prompt: int, repeats: int) -> None:  # noqa: ANN001
@@ -329,18 +332,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def run_bench(model: str | Path, against: str | Path | None = None, *, seqs: list[int] | None = None,
               decode_tokens: int = 32, prompt: int = 32, repeats: int = 3, device: str = "auto",
-              seed: int = 0, isolate: bool = True, progress=None) -> BenchReport:  # noqa: ANN001
+              seed: int = 0, isolate: bool = True, progress=None,  # noqa: ANN001
+              device_map: Any = None) -> BenchReport:
     """Benchmark ``model`` (and its dense source ``against``, default: the manifest's origin).
 
     ``isolate=False`` measures in this process (faster; the memory figures then include what
-    earlier phases left in the allocator, so they are upper bounds).
+    earlier phases left in the allocator, so they are upper bounds). ``device_map`` (instead of
+    ``device``, which must then stay ``auto``) places both models with ``accelerate``.
     """
     from compress.arch import get_adapter
     from compress.assets import resolve_model
     from compress.checkpoint import CheckpointReader
 
     seqs = list(seqs or [512, 2048])
-    device = resolve_device(device)
+    if device_map is not None and device not in ("auto", None):
+        raise CompressError(f"both --device {device} and --device-map {device_map} were given", "pass one of them")
+    device = resolve_device(device or "auto")
     model_dir = resolve_model(str(model))
     reader = CheckpointReader(model_dir)
     adapter = get_adapter(reader.config)
@@ -353,7 +360,7 @@ def run_bench(model: str | Path, against: str | Path | None = None, *, seqs: lis
     method = MEMORY_METHOD if isolate else MEMORY_METHOD.replace("fresh process per (model, phase)",
                                                                 "in-process (--in-process)")
     report = BenchReport(str(model_dir), str(dense_dir) if dense_dir else None, device_label(device),
-                         method, repeats, machine_facts())
+                         method, repeats, machine_facts(), device_map=device_map)
     done, total = 0, len(phases) * len(targets)
     for phase, tokens in phases:
         res: dict[str, PhaseResult] = {}
@@ -361,7 +368,8 @@ def run_bench(model: str | Path, against: str | Path | None = None, *, seqs: lis
             if progress:
                 progress(done, total, f"{label}: {phase} {tokens}")
             run = run_child if isolate else _in_process
-            res[label] = run(path, phase, tokens, repeats=repeats, prompt=prompt, device=device, seed=seed)
+            res[label] = run(path, phase, tokens, repeats=repeats, prompt=prompt, device=device, seed=seed,
+                             device_map=device_map)
             done += 1
         report.phases.append(_phase_row(phase, tokens, res))
         report.layers += _layer_rows(phase, tokens, res)

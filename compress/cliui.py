@@ -1,10 +1,13 @@
 """What the command line prints: progress (a bar with an ETA on a terminal, plain ``progress:``
-lines when piped), the summary of a written output, the evaluation table, and which exception
-classes are typer/click usage errors. ``cli.py`` wires these to the commands."""
+lines when piped), the summary of a written output, the evaluation table, which exception
+classes are typer/click usage errors, how every exception becomes an exit code (:func:`run_app`)
+and how ``--device`` / ``--device-map`` combine. ``cli.py`` wires these to the commands."""
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -188,3 +191,73 @@ def check_json_writable(json_path: Path | None) -> None:
         from compress.checkpoint import ensure_writable
 
         ensure_writable(json_path.parent, f"--json {json_path}")
+
+
+def device_placement(device: str | None, device_map: str | None) -> tuple[str | None, str | None]:
+    """``--device`` / ``--device-map`` as ``(device, device_map)``: at most one of them is given
+    (neither: ``--device auto``); the device is resolved, the map's strategy checked."""
+    if device is not None and device_map is not None:
+        raise CompressError(f"--device {device} and --device-map {device_map} were both given",
+                            "pass one: --device for one device, --device-map to spread the model")
+    if device_map is not None:
+        from compress.placement import STRATEGIES
+
+        if device_map not in STRATEGIES:
+            raise CompressError(f"unknown --device-map {device_map!r}", "use auto, balanced or sequential")
+        return None, device_map
+    from compress.bench import resolve_device
+
+    return resolve_device(device or "auto"), None
+
+
+#: OSError numbers that are the environment (permissions, read-only or full disks), not a bug
+FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run the Typer ``app`` as the console entry point: one line and exit code 2 for user errors
+    (``CompressError``, a bad recipe value, a usage error, an unwritable or full disk), 130 for
+    Ctrl-C, no tracebacks for anything the user can fix."""
+    from pydantic import ValidationError
+
+    usage_errors = usage_error_classes()
+    try:
+        rv = app(standalone_mode=False)  # Typer returns exit codes (Ctrl-C → 130) in this mode
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                console.print("[red]interrupted[/red]: no output was written")
+            sys.exit(rv)
+    except CompressError as e:
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except ValidationError as e:
+        err = e.errors()[0]
+        console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]: no output was written")
+        sys.exit(130)
+    except OSError as e:  # the environment, not a bug: permissions, read-only or full disks
+        if e.errno not in FS_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        console.print(f"[red]error:[/red] {e.strerror}{where} — free space or choose a writable location; "
+                      "no output was written", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("[red]aborted[/red]")
+        sys.exit(130)
+    except usage_errors as e:  # usage errors arrive here in non-standalone mode
+        e.show()  # usage line + "Error: ..." (bare `compress`: the help text)
+        sys.exit(getattr(e, "exit_code", 2))
+    except Exception as e:
+        # an abort/exit class of the other click flavour (e.g. click.exceptions.Abort)
+        name = type(e).__name__ if type(e).__module__.split(".")[0] in ("click", "typer") else ""
+        if name == "Abort":
+            console.print("[red]aborted[/red]")
+            sys.exit(130)
+        if name == "Exit" and isinstance(getattr(e, "exit_code", None), int):
+            sys.exit(e.exit_code)
+        raise

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress.arch import get_adapter
+from compress.arch import get_adapter, remote_code_trusted
 from compress.calib.corpus import load_corpus
 from compress.calib.token_cache import cached_token_ids
 from compress.calib.protocol import (
@@ -30,6 +30,7 @@ from compress.checkpoint import CheckpointReader
 
 if TYPE_CHECKING:
     from compress.eval_encoder import EncoderEvalResult
+    from compress.placement import DeviceMap
 
 #: ``progress(done, total, message)``, called after each evaluated window (or encoder batch)
 Progress = Callable[[int, int, str], None]
@@ -70,13 +71,20 @@ def eval_token_windows(model_dir: Path, protocol: str, data: str | None) -> Tens
     proto = get_protocol(protocol)
     lines, _ = load_corpus(data)
     _, test = split_lines(lines, proto)
-    ids = cached_token_ids(model_dir, test, lambda: tokenize_joined(AutoTokenizer.from_pretrained(model_dir), test))
+
+    def tokenize() -> Tensor:
+        return tokenize_joined(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted()), test)
+
+    ids = cached_token_ids(model_dir, test, tokenize)
     return eval_windows(ids, proto)
 
 
 @torch.no_grad()
 def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    """Where input ids go: the token embedding's device (its execution device under a device map)."""
+    from compress.placement import input_device
+
+    return input_device(model)
 
 
 def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None, *,
@@ -124,9 +132,13 @@ def compressed_size(reader: CheckpointReader, manifest: dict) -> tuple[float | N
 
 
 def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
-             protocol: str = "brown-512", data: str | None = None, device: str = "cpu",
-             progress: Progress | None = None) -> EvalResult | EncoderEvalResult:
+             protocol: str = "brown-512", data: str | None = None, device: str | None = None,
+             progress: Progress | None = None,
+             device_map: DeviceMap | None = None) -> EvalResult | EncoderEvalResult:
     """Evaluate ``model_dir`` (and optionally the dense model ``against``) under ``protocol``.
+
+    ``device`` (default CPU) or ``device_map`` (both models placed by ``accelerate``, see
+    :func:`compress.load`; the windows go to the embedding's device) say where it runs.
 
     Encoders (``adapter.causal`` False) get :func:`compress.eval_encoder.evaluate_encoder`.
     ``progress(done, total, message)`` is called after each evaluation window (each batch of
@@ -142,13 +154,13 @@ def evaluate(model_dir: str | Path, against: str | Path | None = None, *,
         from compress.eval_encoder import evaluate_encoder
 
         return evaluate_encoder(model_dir, against, protocol=protocol, data=data, progress=progress,
-                                device=device)
+                                device=device, device_map=device_map)
     manifest = reader.manifest() or {}
     if against is None and manifest.get("origin") and Path(manifest["origin"]).is_dir():
         against = manifest["origin"]
     windows = eval_token_windows(model_dir, protocol, data)
-    model = load(model_dir, device=device)
-    dense = load(resolve_model(str(against)), device=device) if against is not None else None
+    model = load(model_dir, device=device, device_map=device_map)
+    dense = load(resolve_model(str(against)), device=device, device_map=device_map) if against is not None else None
     name = corpus_protocol_name(protocol, data)
     s = score(model, windows, dense, progress=progress, label=f"eval {name}")
     dense_ppl, dense_bytes = None, None

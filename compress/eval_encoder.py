@@ -26,13 +26,16 @@ from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 from torch import Tensor, nn
 
+from compress.arch import remote_code_trusted
 from compress.calib.corpus import load_corpus
 from compress.calib.protocol import corpus_protocol_name, get_protocol, split_lines
 from compress.checkpoint import CheckpointReader
 from compress.errors import CompressError
+from compress.placement import input_device
 
 if TYPE_CHECKING:
     from compress.eval import Progress
+    from compress.placement import DeviceMap
 
 
 class SentenceProtocol(BaseModel):
@@ -90,8 +93,7 @@ def embed(model: nn.Module, tokenizer: object, sentences: list[str], proto: Sent
     for i in range(0, len(sentences), proto.batch_size):
         enc = tokenizer(sentences[i:i + proto.batch_size], padding=True, truncation=True,  # type: ignore[operator]
                         max_length=proto.max_tokens, return_tensors="pt")
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        enc = {k: v.to(dev) for k, v in enc.items()}
+        enc = {k: v.to(input_device(model)) for k, v in enc.items()}
         hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                        token_type_ids=enc.get("token_type_ids")).last_hidden_state  # [b, L, d]
         mask = enc["attention_mask"].to(torch.float64).unsqueeze(-1)  # [b, L, 1]
@@ -138,8 +140,12 @@ def _has_lowrank(model: nn.Module) -> bool:
 
 def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *,
                      protocol: str = "brown-sentences-512", data: str | None = None,
-                     progress: Progress | None = None, device: str = "cpu") -> EncoderEvalResult:
+                     progress: Progress | None = None, device: str | None = None,
+                     device_map: DeviceMap | None = None) -> EncoderEvalResult:
     """Embedding fidelity of ``model_dir`` to the dense ``against`` under a sentence protocol.
+
+    With ``device_map`` the models are placed by ``accelerate`` (:func:`compress.load`) after the
+    FlashSVD switch, which must see the blocks before their hooks are attached.
 
     ``progress(done, total, message)`` is called after each batch of sentences; with ``against``
     the dense model's batches count too (``total`` covers both).
@@ -150,6 +156,7 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
     from compress.assets import resolve_model
     from compress.eval import compressed_size
     from compress.modules.flashsvd import enable_flashsvd
+    from compress.placement import place
 
     t0 = time.perf_counter()
     proto = sentence_protocol(protocol)
@@ -159,11 +166,13 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
     if against is None and manifest.get("origin") and Path(manifest["origin"]).is_dir():
         against = manifest["origin"]
     sentences = eval_sentences(proto, data)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = load(model_dir, device=device)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
+    model = load(model_dir, device=device if device_map is None else None)
     served = "modules"
     if _has_lowrank(model) and enable_flashsvd(model, require=False).total:
         served = "flashsvd"
+    if device_map is not None:
+        model = place(model, device_map)
     name = corpus_protocol_name(proto.name, data)
     tick = _batch_ticker(progress, f"eval {name}", sentences, proto, 1 if against is None else 2)
     emb = embed(model, tok, sentences, proto, tick)
@@ -171,7 +180,7 @@ def evaluate_encoder(model_dir: str | Path, against: str | Path | None = None, *
     dense_bytes = None
     if against is not None:
         dense_dir = resolve_model(str(against))
-        ref = embed(load(dense_dir, device=device), tok, sentences, proto, tick)
+        ref = embed(load(dense_dir, device=device, device_map=device_map), tok, sentences, proto, tick)
         stats.update(cosine_stats(emb, ref))
         dense_bytes = CheckpointReader(dense_dir).total_bytes()
     bits, params = compressed_size(reader, manifest)

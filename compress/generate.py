@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from compress.arch import remote_code_trusted
 from compress.errors import CompressError
 
 
@@ -31,7 +32,7 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
     except (OSError, ValueError) as e:
         raise CompressError(f"{model_dir} has no usable tokenizer ({type(e).__name__})",
                             "copy the source model's tokenizer files into it") from None
@@ -62,21 +63,25 @@ def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:  # noqa: ANN001
 @torch.inference_mode()
 def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, chat: bool = False,
-             device: str = "cpu") -> Generation:
-    """Continue ``prompt`` with ``model`` (greedy by default) and return the new text."""
+             device: str | None = None, device_map: str | dict | None = None) -> Generation:
+    """Continue ``prompt`` with ``model`` (greedy by default) and return the new text.
+
+    ``device`` (default CPU) or ``device_map`` (placed by ``accelerate``, see :func:`compress.load`;
+    the prompt goes to the embedding's device) say where it runs."""
     from transformers import GenerationConfig
 
     from compress.api import load
     from compress.assets import resolve_model
+    from compress.placement import input_device, main_device
 
     _check_options(prompt, max_new_tokens, temperature, top_p)
     model_dir = resolve_model(str(model))
     tok = _tokenizer(model_dir)
-    lm = load(model_dir, device=device)
+    lm = load(model_dir, device=device, device_map=device_map)
     if not lm.compress_adapter.causal or not lm.can_generate():
         raise CompressError(f"{model_dir} is not a causal language model ({lm.config.model_type})",
                             "generate needs a decoder such as smollm2-135m")
-    ids = encode_prompt(tok, prompt, chat).to(device)
+    ids = encode_prompt(tok, prompt, chat).to(input_device(lm))
     eos = tok.eos_token_id
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos,
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
@@ -87,7 +92,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, sample
     seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]  # [new_tokens]
     return Generation(text=tok.decode(new, skip_special_tokens=True), prompt_tokens=int(ids.shape[1]),
-                      new_tokens=int(new.numel()), seconds=seconds, served_by=_served_by(lm, device))
+                      new_tokens=int(new.numel()), seconds=seconds, served_by=_served_by(lm, str(main_device(lm))))
 
 
 def _served_by(model: torch.nn.Module, device: str) -> str:
@@ -95,6 +100,8 @@ def _served_by(model: torch.nn.Module, device: str) -> str:
     from compress.bench import device_label
     from compress.modules.protocol import validatable_modules
 
+    where = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+    placed = f"; device map over {', '.join(where)}" if where else ""
     if validatable_modules(model):
-        return device_label(device)
-    return f"{device_label(device).split(',')[0]}, dense torch (no compressed modules)"
+        return device_label(device) + placed
+    return f"{device_label(device).split(',')[0]}, dense torch (no compressed modules){placed}"

@@ -17,7 +17,7 @@ import transformers
 from accelerate import init_empty_weights
 from torch import nn
 
-from compress.arch import Adapter, get_adapter
+from compress.arch import Adapter, get_adapter, remote_code_trusted
 from compress.checkpoint import CheckpointReader
 from compress.errors import CompressError, NumericsError
 from compress.modules.kinds import (MODEL_TRANSFORMS, SHARED_PREFIX, SharedTensors, attach_shared, build_module,
@@ -27,7 +27,7 @@ from compress.modules.kinds import (MODEL_TRANSFORMS, SHARED_PREFIX, SharedTenso
 def load_config(reader: CheckpointReader) -> transformers.PretrainedConfig:
     """The ``transformers`` config, without any ``quantization_config`` (we rebuild those modules)."""
     try:
-        cfg = transformers.AutoConfig.from_pretrained(reader.path)
+        cfg = transformers.AutoConfig.from_pretrained(reader.path, trust_remote_code=remote_code_trusted())
     except (ValueError, KeyError) as e:
         raise CompressError(f"{reader.path}/config.json cannot be read by transformers ({e})",
                             "fix config.json (model_type, sizes)") from None
@@ -52,7 +52,8 @@ def build_skeleton(reader: CheckpointReader, adapter: Adapter | None = None,
     auto = getattr(transformers, adapter.auto_class)
     with torch.device("cpu"), init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = auto.from_config(cfg, attn_implementation=adapter.attention, dtype=config_dtype(cfg))
+        model = auto.from_config(cfg, attn_implementation=adapter.attention, dtype=config_dtype(cfg),
+                                 trust_remote_code=remote_code_trusted())
     model.eval()
     manifest = manifest if manifest is not None else reader_manifest(reader)
     apply_manifest(model, manifest, adapter, reader)

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from compress._memory import bound_allocator, trim
-from compress.arch import Adapter, get_adapter
+from compress.arch import Adapter, get_adapter, remote_code_trusted
 from compress.calib.corpus import load_corpus
 from compress.calib.token_cache import cached_token_ids
 from compress.calib.protocol import (
@@ -83,7 +83,7 @@ def load_tokenizer(src: Path) -> object:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=remote_code_trusted())
     except (OSError, ValueError) as e:
         raise CompressError(f"{src} has no usable tokenizer ({type(e).__name__})",
                             "copy the tokenizer files into the checkpoint directory") from None

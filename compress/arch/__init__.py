@@ -8,6 +8,9 @@ means adding one :class:`Adapter` literal to :data:`ADAPTERS`.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -137,8 +140,51 @@ OPT = Adapter(  # pre-norm LayerNorm blocks, ReLU FFN (fc1/fc2 on the block itse
 ADAPTERS: tuple[Adapter, ...] = (LLAMA, PHI3, GEMMA, OPT, BERT)
 
 
+REMOTE_CODE_ENV = "COMPRESS_TRUST_REMOTE_CODE"
+
+
+def remote_code_trusted() -> bool:
+    """Whether a checkpoint's own Python code (``auto_map``) may run: ``--trust-remote-code``
+    (``$COMPRESS_TRUST_REMOTE_CODE=1``, inherited by the processes a command starts). Off by default."""
+    return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
+@contextmanager
+def trusting_remote_code(on: bool) -> Iterator[None]:
+    """Trust checkpoints' code inside the block when ``on`` (the library's ``trust_remote_code``)."""
+    before = os.environ.get(REMOTE_CODE_ENV)
+    if on:
+        os.environ[REMOTE_CODE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(REMOTE_CODE_ENV, None)
+        else:
+            os.environ[REMOTE_CODE_ENV] = before
+
+
+def check_remote_code(config: dict) -> None:
+    """Refuse a model that only the checkpoint's own code defines, unless that code is trusted.
+
+    A config with ``auto_map`` whose ``model_type`` ``transformers`` implements itself is built
+    from ``transformers``' class (the checkpoint's code is not run) unless trusted."""
+    auto_map = config.get("auto_map")
+    if not auto_map or remote_code_trusted():
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        first = next(iter(auto_map.values()), "") if isinstance(auto_map, dict) else auto_map
+        raise CompressError(f"model_type {model_type!r} is defined by Python code in the checkpoint "
+                            f"(auto_map: {first}); compress does not run a checkpoint's code by default",
+                            "pass --trust-remote-code if you trust where the checkpoint comes from")
+
+
 def get_adapter(config: dict) -> Adapter:
     """The adapter for a raw ``config.json`` dict, or a one-line error naming what to add."""
+    check_remote_code(config)
     model_type = config.get("model_type")
     for a in ADAPTERS:
         if model_type in a.model_types:

@@ -89,7 +89,6 @@ def run_staged(ctx: LayerContext, groups: list[list[str]], quantize: Quantize) -
             for b in st.batches():
                 h = buf.batch(b)
                 st.store(b, h + block_output(mlp(norm2(h))))
-        del buf
     ctx.propagated = True
 
 

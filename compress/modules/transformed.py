@@ -52,7 +52,7 @@ class TransformedInput(nn.Module):
         return self._shared.get(self.transform, "T")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x @ self.T.to(x.dtype))
+        return self.inner(x @ self.T.to(device=x.device, dtype=x.dtype))  # the holder may sit elsewhere
 
     @torch.no_grad()
     def reference_forward(self, x: Tensor) -> Tensor:

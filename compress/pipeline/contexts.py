@@ -42,7 +42,7 @@ class RunContext:
     #: groups added by this stage (saved by a resume commit)
     new_shared: list[str] = field(default_factory=list)
     #: where blocks are computed (``--device``); activations: where the calibration activations
-    #: live (``auto``: on the device when they fit, see :func:`compress.device.activation_home`)
+    #: live (``auto``: on the device when they fit, see :func:`compress.device.offload_activations`)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     activations: ActivationMode = "auto"
 
