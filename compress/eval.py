@@ -79,7 +79,6 @@ def eval_token_windows(model_dir: Path, protocol: str, data: str | None) -> Tens
     return eval_windows(ids, proto)
 
 
-@torch.no_grad()
 def _device(model: nn.Module) -> torch.device:
     """Where input ids go: the token embedding's device (its execution device under a device map)."""
     from compress.placement import input_device
@@ -87,6 +86,7 @@ def _device(model: nn.Module) -> torch.device:
     return input_device(model)
 
 
+@torch.no_grad()
 def score(model: nn.Module, windows: Tensor, dense: nn.Module | None = None, *,
           progress: Progress | None = None, label: str = "eval") -> dict[str, float]:
     """NLL sum, token count and (with ``dense``) KL sum and top-1 matches over the windows.
