@@ -49,6 +49,7 @@ class Identity:
                 "stage": "the recipe differs", "calibration": "the calibration differs",
                 "version": "compress or torch changed version",
                 "device": f"the partial run computed on another device (this one: {self.device})"}
+        other = {"device": "cpu", **other}  # partial runs from before --device computed on the CPU
         return [what[k] for k in what if other.get(k) != getattr(self, k)]
 
     def to_dict(self) -> dict:

@@ -132,3 +132,5 @@ def test_a_resume_on_another_device_is_refused() -> None:
     assert here.differences(dict(here.to_dict(), device="cpu")) == [
         "the partial run computed on another device (this one: cuda)"]
     assert here.differences(here.to_dict()) == []
+    older = {k: v for k, v in here.to_dict().items() if k != "device"}  # written before --device existed
+    assert Identity(**dict(older, device="cpu")).differences(older) == []
