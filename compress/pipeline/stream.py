@@ -243,12 +243,13 @@ class Stream:
         run.transforms = list(point["transforms"])
         run.notes = dict(point["notes"])
         run.records = [LayerRecord(**r) for r in point["records"]]
-        saved = resume_io.load_tensors(partial, point, "shared")
+        saved = {k: t.to(run.device) for k, t in resume_io.load_tensors(partial, point, "shared").items()}
         for g in point.get("new_shared", []):
             prefix = f"{g}."
             run.add_shared(g, {k[len(prefix):]: t for k, t in saved.items() if k.startswith(prefix)})
         run.shared = dict(point.get("shared", run.shared))
-        self.the_pass.restore_carry({**point.get("carry", {}), **resume_io.load_tensors(partial, point, "carry")})
+        carried = {k: t.to(run.device) for k, t in resume_io.load_tensors(partial, point, "carry").items()}
+        self.the_pass.restore_carry({**point.get("carry", {}), **carried})
         set_rng_states(resume_io.load_tensors(partial, point, "rng"), run.device)
         hidden = resume_io.load_tensors(partial, point, "hidden").get("hidden")
         done = int(point["blocks_done"])
