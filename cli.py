@@ -53,7 +53,8 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="run the Pyt
 Activations = Enum("Activations", {m: m for m in ("auto", "device", "host")}, type=str)  # type: ignore[misc]
 ActivationsOpt = Annotated[Activations, typer.Option(
     "--activations", metavar="auto|device|host", show_default=False, case_sensitive=False,
-    help="where calibration activations live: on the device if they fit (auto), or on the host, moved per batch")]
+    help="where calibration activations live (auto: on the device if they fit, else on the host, moved per "
+         "batch) [default: auto]")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(
     "--device-map", metavar="auto|balanced|sequential", show_default=False,
     help="spread the model over the GPUs, CPU memory and disk with accelerate (instead of --device)")]
