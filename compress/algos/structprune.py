@@ -17,6 +17,10 @@ those notes' recommendations:
   limit ``s_ℓ ∝ exp(−E_ℓ/T)`` (softmax), clipped to ``[s_min, s_max]``, with ``μ`` (or the
   scale) found by bisection so the removed parameters equal the budget; whole groups are then
   assigned by largest remainders so the count is exact up to one group's cost.
+* **Plan** (:func:`plan_removal`): allocation units are one structure of one layer (its FFN
+  channels, its KV groups with their query heads); ``softmax`` spends the budget by the energy
+  rule, ``uniform`` equally, ``global`` by one threshold over every group's per-parameter score
+  (normalised by its structure's mean) — the reference the paper compares against.
 * **Reconstruction** (read: "ADMM-based"): the kept weights minimise the output error
   ``‖X W_kᵀ − X Wᵀ‖²`` under the structured support, by ADMM on ``W = Z`` with ``Z`` on the
   support (scaled dual, penalty ρ), from the masked weights; the iterate with the lowest
@@ -242,3 +246,154 @@ def masked_least_squares(W: Tensor, H: Tensor, keep_cols: Tensor, percdamp: floa
     out = torch.zeros_like(W64)
     out[:, K] = sol
     return out
+
+
+# -- the model-wide plan -----------------------------------------------------------------------
+@dataclass
+class Unit:
+    """One allocation unit: a structure of one layer (``layer 3 ffn``: its channels; ``heads``:
+    its KV groups), its group scores, the parameters one group holds, and how many groups it
+    must keep at least (and may keep at most)."""
+
+    name: str
+    scores: Tensor
+    cost: int
+    min_keep: int = 1
+    max_keep: int | None = None
+    multiple: int = 1  # removed groups come in multiples of this (kernel-friendly widths)
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.numel())
+
+    def removable(self) -> int:
+        """Most groups this unit may lose (a multiple of ``multiple``)."""
+        most = self.n - self.min_keep
+        return max(0, most - most % self.multiple)
+
+    def least_removed(self) -> int:
+        """Fewest groups it must lose (``max_keep``), rounded up to a multiple."""
+        least = 0 if self.max_keep is None else max(0, self.n - self.max_keep)
+        return min(self.removable(), -(-least // self.multiple) * self.multiple)
+
+
+def per_param_scores(unit: Unit) -> Tensor:
+    """A unit's group scores per parameter, comparable across structures of different cost."""
+    return unit.scores.to(torch.float64) / unit.cost
+
+
+def plan_removal(units: list[Unit], budget: int, *, method: str = "softmax", temperature: float = 1.0,
+                 form: str = "softmax") -> Allocation:
+    """Groups removed per unit so that the removed parameters equal ``budget`` as closely as
+    whole groups (and their multiples) allow.
+
+    * ``softmax``: energy-based shares (:func:`shares`, ``form`` softmax or logistic) with
+      ``T = temperature · std(E)`` over the units' energies (mean per-parameter group score
+      relative to the mean over units), then whole groups by :func:`round_groups`;
+    * ``uniform``: the same share in every unit;
+    * ``global``: one threshold over every group of the model, by per-parameter score divided by
+      its structure's mean (so heads and channels compare), lowest first — the memory-hungry
+      reference (here from the scan's scores, so it is not memory-hungry).
+    Every unit keeps ``[min_keep, max_keep]`` groups."""
+    lo = sum(u.least_removed() * u.cost for u in units)
+    hi = sum(u.removable() * u.cost for u in units)
+    if not lo <= budget <= hi:
+        raise ValueError(f"removing {budget:,} parameters is outside what the per-layer limits allow "
+                         f"({lo:,}..{hi:,})")
+    if method == "global":
+        return _global(units, budget)
+    weight = torch.tensor([float(u.n * u.cost) for u in units], dtype=torch.float64)
+    s_min = torch.tensor([u.least_removed() / u.n for u in units], dtype=torch.float64)
+    s_max = torch.tensor([u.removable() / u.n for u in units], dtype=torch.float64)
+    if method == "uniform":
+        s = _bounded_uniform(weight, s_min, s_max, budget)
+        info: dict = {}
+    elif method == "softmax":
+        E = layer_energy(torch.stack([per_param_scores(u).mean() for u in units]))
+        std = float(E.std()) if len(units) > 1 else 0.0
+        T = temperature * std if std > 0 else math.inf
+        s = _bounded_shares(E, weight, budget, T, form, s_min, s_max)
+        info = {"energy": [float(e) for e in E], "temperature": T}
+    else:
+        raise ValueError(f"unknown allocation {method!r} (softmax, uniform or global)")
+    alloc = _round_units(units, s, budget)
+    alloc.info.update(info)
+    return alloc
+
+
+def _bounded_uniform(w: Tensor, s_min: Tensor, s_max: Tensor, budget: float) -> Tensor:
+    """One share for every unit, clipped to each unit's limits, meeting the budget."""
+    def at(t: float) -> Tensor:
+        return torch.minimum(torch.maximum(torch.full_like(w, t), s_min), s_max)
+    return at(_bisect(lambda t: float((w * at(t)).sum()), 0.0, 1.0, budget))
+
+
+def _bounded_shares(E: Tensor, w: Tensor, budget: float, T: float, form: str, s_min: Tensor,
+                    s_max: Tensor) -> Tensor:
+    """:func:`shares` with per-unit limits (the scalar ``μ``/scale solved under them)."""
+    if T == math.inf:
+        return _bounded_uniform(w, s_min, s_max, budget)
+    z = (E - E.min()) / T
+    if form == "logistic":
+        def at(mu: float) -> Tensor:
+            return torch.minimum(torch.maximum(torch.sigmoid(mu - z), s_min), s_max)
+        x = _bisect(lambda m: float((w * at(m)).sum()), -float(z.max()) - 60, 60.0, budget)
+        return at(x)
+    if form == "softmax":
+        base = torch.exp(-z)
+
+        def at_c(log_c: float) -> Tensor:
+            return torch.minimum(torch.maximum(base * math.exp(log_c), s_min), s_max)
+        x = _bisect(lambda c: float((w * at_c(c)).sum()), -800.0, float(z.max()) + 5, budget)
+        return at_c(x)
+    raise ValueError(f"unknown allocation form {form!r} (softmax or logistic)")
+
+
+def _round_units(units: list[Unit], s: Tensor, budget: int) -> Allocation:
+    """Whole groups (in each unit's multiples) per unit from continuous shares, by largest
+    remainders, never outside a unit's limits; then the closest achievable total."""
+    step = [u.multiple for u in units]
+    want = [float(si) * u.n for si, u in zip(s.tolist(), units, strict=True)]
+    k = [min(max(int(math.floor(x / m + 1e-9)) * m, u.least_removed()), u.removable())
+         for x, m, u in zip(want, step, units, strict=True)]
+    removed = sum(ki * u.cost for ki, u in zip(k, units, strict=True))
+    order = sorted(range(len(units)), key=lambda i: want[i] - k[i], reverse=True)
+    changed = True
+    while changed and removed != budget:
+        changed = False
+        for i in order if removed < budget else list(reversed(order)):
+            d = step[i] * units[i].cost * (1 if removed < budget else -1)
+            ok = k[i] + step[i] <= units[i].removable() if d > 0 else k[i] - step[i] >= units[i].least_removed()
+            if ok and abs(removed + d - budget) < abs(removed - budget):
+                k[i] += step[i] if d > 0 else -step[i]
+                removed += d
+                changed = True
+                break
+    return Allocation(k, [float(x) for x in s.tolist()], removed, budget)
+
+
+def _global(units: list[Unit], budget: int) -> Allocation:
+    """Remove groups model-wide in ascending normalised score until the budget is spent."""
+    by_kind: dict[str, list[Tensor]] = {}
+    for u in units:
+        by_kind.setdefault(u.name.split()[-1], []).append(per_param_scores(u))
+    mean = {kind: float(torch.cat(v).mean()) or 1.0 for kind, v in by_kind.items()}
+    cands = []  # (normalised score, unit index, position in the unit's ascending order)
+    for i, u in enumerate(units):
+        sc = per_param_scores(u) / mean[u.name.split()[-1]]
+        asc = torch.sort(sc).values.tolist()
+        for j in range(0, u.removable(), u.multiple):  # a step of `multiple` groups, scored by its best
+            cands.append((asc[j + u.multiple - 1], i, j))
+    k = [u.least_removed() for u in units]
+    removed = sum(ki * u.cost for ki, u in zip(k, units, strict=True))
+    for _score, i, j in sorted(cands):
+        u = units[i]
+        if j < k[i]:
+            continue  # already removed by the unit's floor
+        d = u.multiple * u.cost
+        if j != k[i] or abs(removed + d - budget) >= abs(removed - budget):
+            continue
+        k[i] += u.multiple
+        removed += d
+    shares_ = [ki / u.n for ki, u in zip(k, units, strict=True)]
+    return Allocation(k, shares_, removed, budget, {"method": "global"})

@@ -141,3 +141,61 @@ def test_admm_with_every_column_kept_is_the_identity() -> None:
     rec = admm_reconstruct(W, H, torch.arange(12))
     torch.testing.assert_close(rec.weight, W)
     assert rec.before == 0.0 and rec.after == 0.0
+
+
+def _units(seed: int, layers: int = 6) -> list:
+    from compress.algos.structprune import Unit
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(layers):
+        scale = 0.5 + float(torch.rand((), generator=g)) * (1 + i)  # deeper layers matter more
+        out.append(Unit(f"layer {i} ffn", torch.rand(64, generator=g, dtype=torch.float64) * scale * 300, 300,
+                        min_keep=8, multiple=8))
+        out.append(Unit(f"layer {i} heads", torch.rand(3, generator=g, dtype=torch.float64) * scale * 5000,
+                        5000, min_keep=1))
+    return out
+
+
+@pytest.mark.parametrize("method", ["softmax", "uniform", "global"])
+def test_plans_hit_the_budget_within_the_limits(method: str) -> None:
+    from compress.algos.structprune import plan_removal
+
+    for seed in range(20):
+        units = _units(seed)
+        total = sum(u.n * u.cost for u in units)
+        for frac in (0.1, 0.3, 0.5):
+            budget = int(frac * total)
+            a = plan_removal(units, budget, method=method, temperature=1.0)
+            assert a.removed_params == sum(k * u.cost for k, u in zip(a.removed, units, strict=True))
+            assert abs(a.removed_params - budget) <= max(u.cost * u.multiple for u in units) / 2
+            for k, u in zip(a.removed, units, strict=True):
+                assert u.least_removed() <= k <= u.removable() and k % u.multiple == 0
+
+
+def test_uniform_energies_plan_uniform_and_lower_energy_is_pruned_more() -> None:
+    from compress.algos.structprune import Unit, plan_removal
+
+    same = [Unit(f"layer {i} ffn", torch.ones(100, dtype=torch.float64), 10) for i in range(4)]
+    a = plan_removal(same, 4 * 30 * 10, method="softmax")
+    assert a.removed == [30, 30, 30, 30]
+    ramp = [Unit(f"layer {i} ffn", torch.full((100,), 1.0 + i, dtype=torch.float64), 10) for i in range(4)]
+    b = plan_removal(ramp, 4 * 30 * 10, method="softmax")
+    assert b.removed == sorted(b.removed, reverse=True) and b.removed[0] > b.removed[-1]
+    assert plan_removal(ramp, 4 * 30 * 10, method="uniform").removed == [30, 30, 30, 30]
+
+
+def test_global_threshold_is_the_greedy_order() -> None:
+    from compress.algos.structprune import Unit, plan_removal
+
+    units = [Unit("layer 0 ffn", torch.tensor([1.0, 5.0, 9.0], dtype=torch.float64), 1),
+             Unit("layer 1 ffn", torch.tensor([2.0, 3.0, 8.0], dtype=torch.float64), 1)]
+    a = plan_removal(units, 3, method="global")
+    assert a.removed == [1, 2]  # scores 1, 2, 3 go first (the mean is the same for both units)
+
+
+def test_an_impossible_budget_is_refused() -> None:
+    from compress.algos.structprune import Unit, plan_removal
+
+    with pytest.raises(ValueError, match="outside what the per-layer limits allow"):
+        plan_removal([Unit("layer 0 ffn", torch.ones(4, dtype=torch.float64), 10, min_keep=2)], 30)
