@@ -110,6 +110,10 @@ def output_notes(manifest: dict) -> list[str]:
             lines.append("loads in: compress.load, and transformers with compressed-tensors installed")
         else:
             lines.append(f"loads in: compress.load only: {export.get('reason')}")
+    elif "pruned" in kinds:
+        plain = ((manifest.get("notes") or {}).get("structprune") or {}).get("plain_transformers")
+        lines.append("loads in: compress.load, and plain transformers (every block has the same widths)" if plain
+                     else "loads in: compress.load only: the blocks' widths differ")
     return lines
 
 

@@ -302,9 +302,10 @@ def plan_removal(units: list[Unit], budget: int, *, method: str = "softmax", tem
                          f"({lo:,}..{hi:,})")
     if method == "global":
         return _global(units, budget)
-    weight = torch.tensor([float(u.n * u.cost) for u in units], dtype=torch.float64)
-    s_min = torch.tensor([u.least_removed() / u.n for u in units], dtype=torch.float64)
-    s_max = torch.tensor([u.removable() / u.n for u in units], dtype=torch.float64)
+    dev = units[0].scores.device
+    weight = torch.tensor([float(u.n * u.cost) for u in units], dtype=torch.float64, device=dev)
+    s_min = torch.tensor([u.least_removed() / u.n for u in units], dtype=torch.float64, device=dev)
+    s_max = torch.tensor([u.removable() / u.n for u in units], dtype=torch.float64, device=dev)
     if method == "uniform":
         s = _bounded_uniform(weight, s_min, s_max, budget)
         info: dict = {}
@@ -357,15 +358,17 @@ def _round_units(units: list[Unit], s: Tensor, budget: int) -> Allocation:
     k = [min(max(int(math.floor(x / m + 1e-9)) * m, u.least_removed()), u.removable())
          for x, m, u in zip(want, step, units, strict=True)]
     removed = sum(ki * u.cost for ki, u in zip(k, units, strict=True))
-    order = sorted(range(len(units)), key=lambda i: want[i] - k[i], reverse=True)
     changed = True
     while changed and removed != budget:
         changed = False
-        for i in order if removed < budget else list(reversed(order)):
-            d = step[i] * units[i].cost * (1 if removed < budget else -1)
-            ok = k[i] + step[i] <= units[i].removable() if d > 0 else k[i] - step[i] >= units[i].least_removed()
+        add = removed < budget
+        # the unit whose whole-group count is furthest below (adding) or above (giving back) its share
+        order = sorted(range(len(units)), key=lambda i: (want[i] - k[i]) / step[i], reverse=add)
+        for i in order:
+            d = step[i] * units[i].cost * (1 if add else -1)
+            ok = k[i] + step[i] <= units[i].removable() if add else k[i] - step[i] >= units[i].least_removed()
             if ok and abs(removed + d - budget) < abs(removed - budget):
-                k[i] += step[i] if d > 0 else -step[i]
+                k[i] += step[i] if add else -step[i]
                 removed += d
                 changed = True
                 break

@@ -18,7 +18,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
+from compress.modules.kinds import (KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind,
+                                    register_transform)
 
 
 class PrunedLinear(nn.Linear):
@@ -78,3 +79,27 @@ class PrunedKind(ModuleKind[PrunedEntry]):
 
     def export_refusal(self, entry: PrunedEntry) -> str | None:
         return "pruned linears are narrower than config.json says; only compress.load rebuilds them"
+
+
+#: attention attributes some ``transformers`` blocks read their head counts from (OPT's
+#: ``num_heads``) instead of inferring them from the projections' widths (LLaMA's)
+_HEAD_ATTRS = ("num_heads", "num_attention_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
+
+
+def set_head_counts(attn: nn.Module, heads: int, kv_heads: int) -> None:
+    """Tell an attention module with pruned heads how many query and KV heads it has left."""
+    for names, value in ((_HEAD_ATTRS, heads), (_KV_ATTRS, kv_heads)):
+        for a in names:
+            if isinstance(getattr(attn, a, None), int):
+                setattr(attn, a, value)
+
+
+@register_transform("head-counts")
+def apply_head_counts(model: nn.Module, transform: dict, adapter: object) -> None:
+    """The ``head-counts`` transform: per block ``[query heads, KV heads]`` left after structured
+    pruning (blocks not listed keep the config's counts)."""
+    layers = model.get_submodule(adapter.layers)  # type: ignore[attr-defined]
+    attn_rel = adapter.role("attn")  # type: ignore[attr-defined]
+    for i, (heads, kv) in transform["layers"].items():
+        set_head_counts(layers[int(i)].get_submodule(attn_rel), int(heads), int(kv))

@@ -162,7 +162,7 @@ class Stream:
             materialize(layer, prefix, run.reader, device=run.device)
             ctx = LayerContext(i, prefix, layer, run.adapter, run.state)
             if self.stats is not None:
-                ctx.stats = self._block_stats(ctx, n)
+                ctx.stats = self._block_stats(ctx, n) if self.fused else self._scanned(i)
             grad = torch.enable_grad() if self.needs.gradients else torch.no_grad()
             with grad:
                 run.records.extend(self.the_pass.process_layer(ctx, run))
@@ -195,6 +195,16 @@ class Stream:
             self.run.state = ctx.state = None  # nothing later reads activations
         ctx.propagate()  # dense outputs, before the pass changes the block (no-op if the scan did it)
         return stats
+
+    def _scanned(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s statistics from the scan that ran before the apply stream (a plan step
+        or an apply phase with its own activations), on the run's device."""
+        assert self.stats is not None
+        stats = self.stats.block(i)
+        if stats is None:
+            raise CompressError(f"the scan statistics of block {i} vanished from the work store during the run",
+                                "run again (or with --no-cache)")
+        return {k: t.to(self.run.device) for k, t in stats.items()}
 
     def _replay_dense(self, upto: int) -> CalibState:
         """Activations entering block ``upto`` of the dense input model, recomputed from block 0

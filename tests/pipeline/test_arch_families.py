@@ -30,6 +30,9 @@ CASES = {
     "gptq W4": ([{"pass": "gptq", "config": {"bits": 4, "group_size": 32}}], "quant", 0.2),
     "lowrank 0.9": ([{"pass": "lowrank", "config": {"ratio": 0.9}}], "lowrank", 0.75),
     "slicegpt rotate": ([{"pass": "slicegpt", "config": {"sparsity": 0.0, "rotate_unsliced": True}}], None, 1e-5),
+    # structured pruning of random weights changes the function a lot: the bound only catches a broken rebuild
+    "structprune 0.15 ffn": ([{"pass": "structprune", "config": {"sparsity": 0.15, "structures": ["ffn"]}}],
+                             "pruned", 0.9),
 }
 
 
@@ -37,7 +40,8 @@ CASES = {
 # 1.17 % vs 0.6-0.8 %) while computing exactly their fake-quantised model (checked below)
 SENSITIVITY = {"gemma2": 2.0, "gemma3_text": 2.0}
 REFUSED = {("opt", "slicegpt"): True, ("bert", "slicegpt"): True, ("gemma2", "slicegpt"): True,
-           ("gemma3_text", "slicegpt"): True}
+           ("gemma3_text", "slicegpt"): True, ("phi3", "structprune"): True,
+           ("bert", "structprune"): True}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def test_family_compresses_and_reloads(family: str, case: str, models: dict[str,
     stages, kind, tol = CASES[case]
     src = models[family]
     if REFUSED.get((family, stages[0]["pass"])):  # e.g. OPT's LayerNorm: no rotation invariance
-        with pytest.raises(CompressError, match="RMSNorm decoders|before the residual add"):
+        with pytest.raises(CompressError, match="RMSNorm decoders|before the residual add|fused or absent"):
             run_recipe(parse_recipe({"calibration": CAL, "stages": stages}), src, tmp_path / "o")
         assert not (tmp_path / "o").exists()
         return
@@ -83,7 +87,7 @@ def test_bert_encoder_compresses_and_reloads(case: str, tiny_bert: Path, tmp_pat
     stages, kind, _ = CASES[case]
     recipe = parse_recipe({"calibration": CAL, "stages": stages})
     if REFUSED.get(("bert", stages[0]["pass"])):
-        with pytest.raises(CompressError, match="post-norm"):
+        with pytest.raises(CompressError, match="post-norm|is an encoder"):
             run_recipe(recipe, tiny_bert, tmp_path / "o")
         return
     out = run_recipe(recipe, tiny_bert, tmp_path / "o")

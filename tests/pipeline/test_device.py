@@ -39,6 +39,7 @@ PASS_CASES = {
     "gptq-actorder-mse": ("gptq", {"bits": 3, "group_size": 32, "act_order": True, "mse": True}),
     "lowrank": {"ratio": 0.5},
     "slicegpt": {"sparsity": 0.25},
+    "structprune": {"sparsity": 0.2},
 }
 
 
@@ -79,7 +80,7 @@ def test_no_implicit_allocation_on_the_default_device(case: str, src: Path, tmp_
     _same(got, want)
 
 
-@pytest.mark.parametrize("case", ["gptq", "gptq-actorder-mse", "lowrank", "slicegpt"])
+@pytest.mark.parametrize("case", ["gptq", "gptq-actorder-mse", "lowrank", "slicegpt", "structprune"])
 def test_host_offloaded_activations_give_the_same_tensors(case: str, src: Path, tmp_path: Path) -> None:
     name, config = _cases()[case]
     on_device = _run(src, tmp_path / "d", name, config, device="cpu", activations="device")
