@@ -21,6 +21,7 @@ energy, temperature, ADMM details) are options, see docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -76,6 +77,8 @@ class StructPruneConfig(PassConfig):
     max_keep: float = Field(1.0, gt=0.0, le=1.0, description="most fraction of each layer's heads/channels kept")
     multiple_of: int = Field(1, ge=1, le=256, description="kept FFN widths are multiples of this")
     aggregation: Literal["sum", "l2"] = Field("sum", description="group score: sum of |W|·‖x‖, or its L2 aggregate")
+    relative: bool = Field(True, description=(
+        "compare layers by scores relative to the RMS of the residual stream entering them"))
     reconstruct: Literal["admm", "none"] = Field("admm", description="re-fit o and down on the kept columns (ADMM)")
     admm_iters: int = Field(30, ge=1, le=1000, description="ADMM iterations per reconstructed linear")
     admm_rho: float = Field(1.0, gt=0.0, le=1e6, description="ADMM penalty, relative to mean(diag H)")
@@ -146,6 +149,18 @@ def _uniform_config(config: dict, plan: StructPrunePlan, adapter: Adapter) -> bo
     return True
 
 
+def _residual_rms(ctx: LayerContext) -> Tensor:
+    """RMS of the residual stream entering the block (what a group's removal is measured against)."""
+    st = ctx.state
+    assert st is not None
+    total, rows = 0.0, 0
+    for b in st.batches():
+        x = st.batch(b).to(torch.float64)
+        total += float((x * x).mean(-1).sum())
+        rows += x.shape[0] * x.shape[1]
+    return torch.tensor(math.sqrt(total / max(rows, 1)), dtype=torch.float64, device=st.hidden.device)
+
+
 def _block_attn(ctx: LayerContext) -> tuple[int, int, int]:
     """(query heads, KV heads, head dim) of the block, from its projections' widths."""
     a = ctx.adapter
@@ -180,15 +195,16 @@ class StructPrunePass(Pass):
         return Needs(scan=True, plan=True, activations=self.config.reconstruct == "admm")
 
     def statistic(self) -> Statistic:
-        return Statistic("structprune-scores", 1, {"aggregation": self.config.aggregation})
+        return Statistic("structprune-scores", 2, {"aggregation": self.config.aggregation})
 
     # -- scan: group scores of the dense block ---------------------------------------------
     def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
         a = ctx.adapter
         names = [a.roles[r] for r in ("q", "o", "up", "down") if r in a.roles]
+        residual = _residual_rms(ctx)  # before the forward below overwrites the block's inputs
         grams = ctx.collect(names, propagate=True)
         norm = {n: torch.diagonal(g).clamp_min(0).sqrt() for n, g in grams.items()}  # per-column RMS
-        out = {"ffn": self._ffn_scores(ctx, norm)}  # both structures, whatever this run prunes:
+        out = {"ffn": self._ffn_scores(ctx, norm), "residual": residual}  # both structures, whatever this run prunes:
         if all(r in a.roles for r in ("q", "k", "v", "o", "attn")):  # one stored statistic serves every run
             out["heads"] = self._head_scores(ctx, norm)
         return out
@@ -234,8 +250,9 @@ class StructPrunePass(Pass):
             block = stats.block(i)
             if block is None:
                 raise CompressError(f"the scan statistics of block {i} are missing", "run again (or with --no-cache)")
+            rel = float(block["residual"]) if self.config.relative else 1.0
             for s in self.config.structures:
-                units.append(self._unit(i, s, block[s].cpu(), run))
+                units.append(self._unit(i, s, block[s].cpu() / rel, run))
                 where.append((i, s))
         total = sum(o * k for _, o, k in self._linears)
         budget = int(round(self.config.sparsity * total))
