@@ -463,6 +463,7 @@ def demo(
 ) -> None:
     """GPTQ W4 g64 on SmolLM2-135M with the brown corpus, then the evaluation table."""
     from compress.assets import cache_dir, materialize
+    from compress.device import device_name
     from compress.eval import evaluate
     from compress.registry import get_pass
 
@@ -474,7 +475,7 @@ def demo(
     _execute(_recipe("demo-gptq-w4g64", [("gptq", config)], calib, 0), str(src), out, overwrite=True, force=False,
              device=device)
     with Steps() as steps:
-        print_eval(evaluate(out, src, protocol=protocol, progress=steps, device=device_placement(device, None)[0]))
+        print_eval(evaluate(out, src, protocol=protocol, progress=steps, device=device_name(device)))
 
 
 # -- serving: validate, bench, generate ----------------------------------------------------
@@ -501,12 +502,12 @@ def validate_cmd(
 ) -> None:
     """Run every compressed module's kernel path and its float64 reference; exit 1 past tolerance."""
     _trust(trust_remote_code)
-    from compress.bench import resolve_device
+    from compress.device import device_name
     from compress.validate import module_table, parse_tolerance, summary_table, validate
 
     check_json_writable(json_path)
     report = validate(model, ms=m, dtypes=dtype, tolerance=parse_tolerance(tolerance), seed=seed,
-                      device=resolve_device(device))
+                      device=device_name(device))
     out_console.print(module_table(report, verbose=verbose))
     out_console.print(summary_table(report))
     if json_path is not None:

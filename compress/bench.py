@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.device import device_name
 from compress.errors import CompressError
 
 MEMORY_METHOD = (
@@ -303,13 +304,6 @@ def device_label(device: str) -> str:
     return "CPU, Triton interpreter" if triton else "CPU, torch twins"
 
 
-def resolve_device(device: str) -> str:
-    """``--device`` as a string torch accepts (``cuda:1``), checked against the machine."""
-    from compress.device import resolve_device as resolve
-
-    return str(resolve(device))
-
-
 def _check_sizes(reader, seqs: list[int], decode_tokens: int, prompt: int, repeats: int) -> None:  # noqa: ANN001
     if not seqs or min(seqs) < 1 or decode_tokens < 0 or prompt < 1 or repeats < 1:
         raise CompressError("--seq, --prompt and --repeats must be positive and --decode-tokens >= 0",
@@ -347,7 +341,7 @@ def run_bench(model: str | Path, against: str | Path | None = None, *, seqs: lis
     seqs = list(seqs or [512, 2048])
     if device_map is not None and device not in ("auto", None):
         raise CompressError(f"both --device {device} and --device-map {device_map} were given", "pass one of them")
-    device = resolve_device(device or "auto")
+    device = device_name(device or "auto")
     model_dir = resolve_model(str(model))
     reader = CheckpointReader(model_dir)
     adapter = get_adapter(reader.config)

@@ -209,9 +209,9 @@ def device_placement(device: str | None, device_map: str | None) -> tuple[str | 
         if device_map not in STRATEGIES:
             raise CompressError(f"unknown --device-map {device_map!r}", "use auto, balanced or sequential")
         return None, device_map
-    from compress.bench import resolve_device
+    from compress.device import device_name
 
-    return resolve_device(device or "auto"), None
+    return device_name(device or "auto"), None
 
 
 #: OSError numbers that are the environment (permissions, read-only or full disks), not a bug

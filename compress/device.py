@@ -45,6 +45,11 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
+def device_name(spec: str | torch.device) -> str:
+    """:func:`resolve_device` as the string torch and child processes take (``cuda:1``)."""
+    return str(resolve_device(spec))
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` (None on the host: the host is where things go when they do not fit)."""
     if device.type == "cuda":

@@ -184,7 +184,7 @@ class Stream:
         i = ctx.index
         stats = None if i in self.missing else self.stats.block(i)
         if stats is not None:
-            stats = {k: t.to(self.run.device) for k, t in stats.items()}
+            stats = _to(stats, self.run.device)
         if stats is None:
             if self.run.state is None:  # stored but found corrupt or evicted: rebuild the dense inputs
                 self.run.state = self._replay_dense(i)
@@ -204,7 +204,7 @@ class Stream:
         if stats is None:
             raise CompressError(f"the scan statistics of block {i} vanished from the work store during the run",
                                 "run again (or with --no-cache)")
-        return {k: t.to(self.run.device) for k, t in stats.items()}
+        return _to(stats, self.run.device)
 
     def _replay_dense(self, upto: int) -> CalibState:
         """Activations entering block ``upto`` of the dense input model, recomputed from block 0
@@ -253,12 +253,12 @@ class Stream:
         run.transforms = list(point["transforms"])
         run.notes = dict(point["notes"])
         run.records = [LayerRecord(**r) for r in point["records"]]
-        saved = {k: t.to(run.device) for k, t in resume_io.load_tensors(partial, point, "shared").items()}
+        saved = _to(resume_io.load_tensors(partial, point, "shared"), run.device)
         for g in point.get("new_shared", []):
             prefix = f"{g}."
             run.add_shared(g, {k[len(prefix):]: t for k, t in saved.items() if k.startswith(prefix)})
         run.shared = dict(point.get("shared", run.shared))
-        carried = {k: t.to(run.device) for k, t in resume_io.load_tensors(partial, point, "carry").items()}
+        carried = _to(resume_io.load_tensors(partial, point, "carry"), run.device)
         self.the_pass.restore_carry({**point.get("carry", {}), **carried})
         set_rng_states(resume_io.load_tensors(partial, point, "rng"), run.device)
         hidden = resume_io.load_tensors(partial, point, "hidden").get("hidden")
@@ -284,6 +284,11 @@ class Stream:
         for key in run.reader.keys():  # tensors the model does not own (e.g. legacy buffers)
             if key not in writer.names() and not _owned(run, key, paths):
                 writer.add(key, run.reader.get(key))
+
+
+def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Tensors read from the host (work store, resume files) on the run's device."""
+    return {k: t.to(device) for k, t in tensors.items()}
 
 
 def _load_hidden(state: CalibState, hidden: torch.Tensor) -> None:
