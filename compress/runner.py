@@ -314,6 +314,7 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
         side_files(reader.path, writer)
         if run.records:
             write_all(run.records, writer.directory / "reports", f"{the_pass.scheme()} on {src.name}")
+        the_pass.write_reports(run, writer.directory / "reports")
         resume_io.clear(writer.partial)
         writer.commit()
     return out

@@ -400,3 +400,14 @@ def _global(units: list[Unit], budget: int) -> Allocation:
         removed += d
     shares_ = [ki / u.n for ki, u in zip(k, units, strict=True)]
     return Allocation(k, shares_, removed, budget, {"method": "global"})
+
+
+def mean_compensation(weight: Tensor, kept_weight: Tensor, cols: Tensor, mean: Tensor) -> Tensor:
+    """Bias shift ``(W − Ŵ) μ`` that keeps a linear's mean output when its input columns outside
+    ``cols`` are removed and the kept ones become ``kept_weight`` (FLAP's baseline bias
+    compensation, extended to a re-fitted ``Ŵ``). ``weight``: (out, in); ``kept_weight``:
+    (out, len(cols)); ``mean``: (in,) input mean. Float64, returned on the inputs' device."""
+    w = weight.detach().to(torch.float64)
+    mu = mean.to(device=w.device, dtype=torch.float64)
+    mu_kept = mu[cols.to(w.device)]  # (len(cols),)
+    return w @ mu - kept_weight.detach().to(torch.float64) @ mu_kept

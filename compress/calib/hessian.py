@@ -70,3 +70,39 @@ class GramAccumulator:
         all_reduce_sum(self.sum)
         self.count = int(all_reduce_sum(count).item())
         self._reduced = True
+
+
+class MeanAccumulator:
+    """Running mean of a stream of ``[..., dim]`` activations (float64 sums on their device),
+    summed over the processes of a data-parallel run like :class:`GramAccumulator`."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.sum: Tensor | None = None
+        self.count = 0
+        self._reduced = False
+
+    def add(self, x: Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1])  # (rows, dim)
+        if self.sum is None:
+            self.sum = torch.zeros(self.dim, dtype=torch.float64, device=x2.device)
+        self.sum += x2.sum(0, dtype=torch.float64)
+        self.count += x2.shape[0]
+
+    def mean(self) -> Tensor:
+        """``Σx / n`` (float64); NaN/Inf is a loud error."""
+        if not self._reduced and world().size > 1:
+            if self.sum is None:
+                raise NumericsError("a process of the data-parallel run saw no calibration rows",
+                                    "use fewer processes or more calibration windows")
+            count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+            all_reduce_sum(self.sum)
+            self.count = int(all_reduce_sum(count).item())
+            self._reduced = True
+        if self.count == 0 or self.sum is None:
+            raise NumericsError("no calibration rows reached this layer", "check the calibration data")
+        out = self.sum / self.count
+        if not torch.isfinite(out).all():
+            raise NumericsError("calibration statistics contain NaN/Inf",
+                                "the model overflows on the calibration data; try float32 weights")
+        return out

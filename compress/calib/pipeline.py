@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.arch import Adapter
-from compress.calib.hessian import GramAccumulator
+from compress.calib.hessian import GramAccumulator, MeanAccumulator
 from compress.device import ActivationMode, host_buffer, offload_activations
 from compress.model import get_module, set_module
 from compress.modules.protocol import calibration_mode
@@ -207,6 +207,23 @@ class LayerContext:
             order = [n for n in self.adapter.linears if n in accs] or list(names)
             self.run(hooks, stop_at=order[-1])
         return {n: a.mean() for n, a in accs.items()}
+
+    def collect_moments(self, names: Sequence[str], grams: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Mean ``XᵀX`` (when ``grams``) and mean ``x`` of the inputs of ``names``, one partial
+        forward (the activations are not replaced)."""
+        g = {n: GramAccumulator(_in_features(self.module(n)), self.hessian_dtype) for n in names} if grams else {}
+        m = {n: MeanAccumulator(_in_features(self.module(n))) for n in names}
+
+        def hook(n: str) -> Callable[[Tensor], None]:
+            def add(x: Tensor) -> None:
+                m[n].add(x)
+                if n in g:
+                    g[n].add(x)
+            return add
+
+        order = [n for n in self.adapter.linears if n in m] or list(names)
+        self.run({n: hook(n) for n in names}, stop_at=order[-1])
+        return {n: a.mean() for n, a in g.items()}, {n: a.mean() for n, a in m.items()}
 
     def _forward_in_place(self, pre_hooks: dict[str, Callable[[Tensor], None]]) -> None:
         assert self.state is not None

@@ -37,6 +37,10 @@ from compress.registry import register_pass
 from compress.report import LayerRecord
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
     from compress.arch import Adapter
     from compress.calib.pipeline import LayerContext
     from compress.pipeline.contexts import RunContext
@@ -62,6 +66,8 @@ class StructPruneConfig(PassConfig):
         multiple_of: kept FFN widths are multiples of this (kernel-friendly shapes).
         aggregation: group score ``sum`` of ``|W|·‖x‖`` (group Wanda) or its ``l2`` aggregate.
         reconstruct: ``admm`` re-fits o's and down's kept columns; ``none`` only masks.
+        compensate: add the mean output change of o and down (removed columns, and the re-fit's
+            residual) to their bias, FLAP-style (adds a bias where the model had none).
         admm_iters / admm_rho / damp: ADMM iterations, penalty (relative to the Gram's mean
             diagonal) and Gram damping.
     """
@@ -80,6 +86,8 @@ class StructPruneConfig(PassConfig):
     relative: bool = Field(True, description=(
         "compare layers by scores relative to the RMS of the residual stream entering them"))
     reconstruct: Literal["admm", "none"] = Field("admm", description="re-fit o and down on the kept columns (ADMM)")
+    compensate: bool = Field(False, description=(
+        "add the mean output change of o and down to their bias (FLAP-style compensation)"))
     admm_iters: int = Field(30, ge=1, le=1000, description="ADMM iterations per reconstructed linear")
     admm_rho: float = Field(1.0, gt=0.0, le=1e6, description="ADMM penalty, relative to mean(diag H)")
     damp: float = Field(0.01, ge=0.0, le=10.0, description="Gram damping, fraction of its mean diagonal")
@@ -113,6 +121,31 @@ class StructPrunePlan(BaseModel):
     allocation: str
     shares: list[float]
     info: dict = Field(default_factory=dict)
+
+
+def allocation_figure(plan: StructPrunePlan, kv_groups: int, ffn_width: int, overall_keep: float,
+                      title: str) -> Figure:
+    """Kept fraction of each block's KV groups and FFN channels (1 where a structure is whole),
+    with the fraction of all block parameters kept as a dashed line (the uniform level)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    blocks = list(range(len(plan.layers)))
+    heads = [1.0 if lp.heads is None else len(lp.heads) / kv_groups for lp in plan.layers]
+    chans = [1.0 if lp.channels is None else len(lp.channels) / ffn_width for lp in plan.layers]
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ax.plot(blocks, heads, marker="o", ms=3, label="KV groups kept")
+    ax.plot(blocks, chans, marker="s", ms=3, label="FFN channels kept")
+    ax.axhline(overall_keep, ls="--", color="grey", lw=1, label=f"block parameters kept overall ({overall_keep:.0%})")
+    ax.set_title(title)
+    ax.set_xlabel("block")
+    ax.set_ylabel("fraction kept")
+    ax.set_ylim(0, 1.05)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _attn_shape(config: dict) -> tuple[int, int, int]:
@@ -192,7 +225,7 @@ class StructPrunePass(Pass):
                                     "projections)", "choose --structures " + ("ffn" if s == "heads" else "heads"))
 
     def needs(self) -> Needs:
-        return Needs(scan=True, plan=True, activations=self.config.reconstruct == "admm")
+        return Needs(scan=True, plan=True, activations=self.config.reconstruct == "admm" or self.config.compensate)
 
     def statistic(self) -> Statistic:
         return Statistic("structprune-scores", 2, {"aggregation": self.config.aggregation})
@@ -291,12 +324,14 @@ class StructPrunePass(Pass):
     # -- apply -------------------------------------------------------------------------------
     def begin(self, run: RunContext) -> None:
         self._head_counts: dict[str, list[int]] = {}
+        self._added_bias = False
 
     def carry_state(self) -> dict[str, object]:
-        return {"head_counts": dict(self._head_counts)}
+        return {"head_counts": dict(self._head_counts), "added_bias": self._added_bias}
 
     def restore_carry(self, state: dict[str, object]) -> None:
         self._head_counts = dict(state.get("head_counts", {}))  # type: ignore[call-overload]
+        self._added_bias = bool(state.get("added_bias", False))
 
     def finish(self, run: RunContext) -> None:
         """Record the per-block head counts (a ``head-counts`` transform) for the loader and, when
@@ -305,24 +340,34 @@ class StructPrunePass(Pass):
         if self._head_counts:
             run.transforms.append({"kind": "head-counts", "layers": dict(self._head_counts)})
         assert isinstance(run.plan, StructPrunePlan)
-        run.notes["structprune"] = {"plain_transformers": _uniform_config(run.config, run.plan, run.adapter)}
+        # a bias the dense model did not have is not in its config: only compress.load rebuilds it
+        plain = not self._added_bias and _uniform_config(run.config, run.plan, run.adapter)
+        run.notes["structprune"] = {"plain_transformers": plain}
 
     def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
         assert isinstance(run.plan, StructPrunePlan)
         lp = run.plan.layers[ctx.index]
         a = ctx.adapter
         grams: dict[str, Tensor] = {}
-        if self.config.reconstruct == "admm" and (lp.heads is not None or lp.channels is not None):
+        means: dict[str, Tensor] = {}
+        admm = self.config.reconstruct == "admm"
+        if (admm or self.config.compensate) and (lp.heads is not None or lp.channels is not None):
             wanted = [a.role("o")] * (lp.heads is not None) + [a.role("down")] * (lp.channels is not None)
-            grams = ctx.collect(wanted)  # inputs of the still-dense block on the pruned prefix's activations
+            # inputs of the still-dense block on the pruned prefix's activations
+            if self.config.compensate:
+                grams, means = ctx.collect_moments(wanted, grams=admm)
+            else:
+                grams = ctx.collect(wanted)
         records = []
         if lp.heads is not None:
-            records.append(self._prune_heads(ctx, lp.heads, grams.get(a.role("o"))))
+            o = a.role("o")
+            records.append(self._prune_heads(ctx, lp.heads, grams.get(o), means.get(o)))
         if lp.channels is not None:
-            records.append(self._prune_ffn(ctx, lp.channels, grams.get(a.role("down"))))
+            d = a.role("down")
+            records.append(self._prune_ffn(ctx, lp.channels, grams.get(d), means.get(d)))
         return records
 
-    def _prune_heads(self, ctx: LayerContext, kept: list[int], H: Tensor | None) -> LayerRecord:
+    def _prune_heads(self, ctx: LayerContext, kept: list[int], H: Tensor | None, mu: Tensor | None) -> LayerRecord:
         t0 = time.perf_counter()
         a = ctx.adapter
         heads, kv, hd = _block_attn(ctx)
@@ -332,13 +377,13 @@ class StructPrunePass(Pass):
         kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd, device=dev) for g in kept])
         for role, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
             ctx.replace(a.role(role), PrunedLinear.from_dense(ctx.module(a.role(role)), rows, None))
-        rec = self._reconstruct(ctx, a.role("o"), q_rows, H)
+        rec = self._reconstruct(ctx, a.role("o"), q_rows, H, mu)
         set_head_counts(ctx.module(a.role("attn")), len(kept) * r, len(kept))
         self._head_counts[str(ctx.index)] = [len(kept) * r, len(kept)]
         return self._record(ctx, "self_attn", f"{len(kept)}/{kv} KV groups", rec, t0,
                             [a.role(x) for x in ("q", "k", "v", "o")])
 
-    def _prune_ffn(self, ctx: LayerContext, kept: list[int], H: Tensor | None) -> LayerRecord:
+    def _prune_ffn(self, ctx: LayerContext, kept: list[int], H: Tensor | None, mu: Tensor | None) -> LayerRecord:
         t0 = time.perf_counter()
         a = ctx.adapter
         n = ctx.module(a.role("up")).out_features
@@ -346,11 +391,13 @@ class StructPrunePass(Pass):
         names = [a.role(x) for x in ("gate", "up") if x in a.roles]
         for rel in names:
             ctx.replace(rel, PrunedLinear.from_dense(ctx.module(rel), rows, None))
-        rec = self._reconstruct(ctx, a.role("down"), rows, H)
+        rec = self._reconstruct(ctx, a.role("down"), rows, H, mu)
         return self._record(ctx, "mlp", f"{len(kept)}/{n} channels", rec, t0, [*names, a.role("down")])
 
-    def _reconstruct(self, ctx: LayerContext, rel: str, cols: Tensor, H: Tensor | None) -> sp.Reconstruction | None:
-        """Cut ``rel`` to the kept input columns, re-fitted by ADMM when there is a Gram."""
+    def _reconstruct(self, ctx: LayerContext, rel: str, cols: Tensor, H: Tensor | None,
+                     mu: Tensor | None = None) -> sp.Reconstruction | None:
+        """Cut ``rel`` to the kept input columns, re-fitted by ADMM when there is a Gram; with the
+        input mean ``mu``, the mean output change goes into the bias (FLAP-style)."""
         dense = ctx.module(rel)
         pruned = PrunedLinear.from_dense(dense, None, cols)
         rec = None
@@ -358,6 +405,13 @@ class StructPrunePass(Pass):
             c = self.config
             rec = sp.admm_reconstruct(dense.weight, H, cols, iters=c.admm_iters, rho=c.admm_rho, percdamp=c.damp)
             pruned.weight.data = rec.weight[:, cols].to(dense.weight.dtype).contiguous()
+        if mu is not None:
+            shift = sp.mean_compensation(dense.weight, pruned.weight, cols, mu)  # (out,)
+            if pruned.bias is None:
+                pruned.bias = torch.nn.Parameter(shift.to(dense.weight.dtype), requires_grad=False)
+                self._added_bias = True
+            else:
+                pruned.bias.data += shift.to(pruned.bias.dtype)
         ctx.replace(rel, pruned)
         return rec
 
@@ -373,6 +427,16 @@ class StructPrunePass(Pass):
                            error=None if rec is None else rec.after, time_s=time.perf_counter() - t0,
                            bytes=sum(m.weight.numel() * m.weight.element_size() for m in mods), params=params,
                            extra=extra)
+
+    def write_reports(self, run: RunContext, directory: Path) -> None:
+        """``allocation.png``: the fraction of KV groups and FFN channels each block keeps, against
+        the uniform level (what ``--allocation`` did with the budget)."""
+        assert isinstance(run.plan, StructPrunePlan)
+        directory.mkdir(parents=True, exist_ok=True)
+        _, kv, _ = _attn_shape(run.config)
+        ffn = max(o for name, o, _ in self._linears if name.endswith(("up_proj", "fc1")))
+        keep = 1 - run.plan.removed_params / max(1, sum(o * k for _, o, k in self._linears))
+        allocation_figure(run.plan, kv, ffn, keep, self.scheme()).savefig(directory / "allocation.png", dpi=100)
 
     # -- plan --------------------------------------------------------------------------------
     def plan_shapes(self, plan: ShapePlan, adapter: Adapter) -> None:

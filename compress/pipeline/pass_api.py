@@ -175,6 +175,10 @@ class Pass(ABC):
     def finish(self, run: RunContext) -> None:
         """Called once, after the last block (final norm and head materialised)."""
 
+    def write_reports(self, run: RunContext, directory: Path) -> None:
+        """Write this pass's own report files (figures of its plan) into ``directory`` (the
+        output's ``reports/``; create it when writing), beside the per-layer report every pass gets."""
+
     def describe(self) -> str:
         """One line for `compress plan`."""
         return f"{self.name}: {self.config.model_dump(exclude_defaults=True)}"

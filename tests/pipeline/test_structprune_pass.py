@@ -105,6 +105,7 @@ def test_the_budget_is_spent_and_the_checkpoint_shrinks(allocation: str, models:
     assert abs(plan["removed_params"] - plan["target_params"]) <= heads_cost / 2
     for lp in plan["layers"]:
         assert lp["channels"] is None or len(lp["channels"]) % 8 == 0
+    assert (out / "reports" / "allocation.png").read_bytes()[:4] == b"\x89PNG"
     records = json.loads((out / "reports" / "report.json").read_text())
     for r in records:
         assert r["error"] <= r["extra"]["error_before_admm"] + 1e-9  # ADMM never loses to the mask
@@ -163,3 +164,28 @@ def test_uniform_heads_and_channels_load_in_plain_transformers(models: dict[str,
     plain = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=IDS).logits, compress.load(out)(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("reconstruct", ["none", "admm"])
+def test_bias_compensation_adds_a_bias_and_keeps_the_weights(reconstruct: str, models: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """FLAP-style compensation only adds o's and down's bias: the weights are those of the run
+    without it (with ADMM only in the first block: later blocks re-fit on the compensated
+    prefix's activations); the output is not written as a plain-transformers config (LLaMA has
+    no bias)."""
+    src = models["llama"]
+    cfg = {"sparsity": 0.15, "structures": ["ffn"], "allocation": "uniform", "reconstruct": reconstruct}
+    plain, comp = _prune(src, tmp_path / "p", **cfg), _prune(src, tmp_path / "c", **cfg, compensate=True)
+    manifest = json.loads((comp / "compression.json").read_text())
+    assert manifest["notes"]["structprune"]["plain_transformers"] is False
+    assert json.loads((comp / "config.json").read_text())["intermediate_size"] == 96  # not edited
+    a, b = compress.load(plain), compress.load(comp)
+    for i, (la, lb) in enumerate(zip(a.model.layers, b.model.layers, strict=True)):
+        if reconstruct == "none" or i == 0:
+            assert torch.equal(la.mlp.down_proj.weight, lb.mlp.down_proj.weight)
+        assert la.mlp.down_proj.bias is None and lb.mlp.down_proj.bias is not None
+        assert float(lb.mlp.down_proj.bias.abs().max()) > 0
+    downs = [e for n, e in manifest["modules"].items() if n.endswith("down_proj")]
+    assert downs and all(e["bias"] for e in downs)
+    with torch.no_grad():
+        assert torch.isfinite(b(input_ids=IDS).logits).all()

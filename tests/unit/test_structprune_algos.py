@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import compress.algos.structprune as sp
 from compress.algos.structprune import (
     admm_reconstruct, col_group_scores, element_scores, finish_scores, keep_top, layer_energy,
     masked_least_squares, output_error, round_groups, row_group_scores, shares)
@@ -199,3 +200,16 @@ def test_an_impossible_budget_is_refused() -> None:
 
     with pytest.raises(ValueError, match="outside what the per-layer limits allow"):
         plan_removal([Unit("layer 0 ffn", torch.ones(4, dtype=torch.float64), 10, min_keep=2)], 30)
+
+
+def test_mean_compensation_keeps_the_mean_output() -> None:
+    """``(W − Ŵ) μ`` added to the bias makes the pruned (and re-fitted) linear's mean output over
+    the inputs equal the dense one's, for any kept columns and any re-fitted weights."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64) + torch.linspace(-2, 3, 12, dtype=torch.float64)
+    w = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    cols = torch.tensor([0, 3, 4, 9, 11])
+    for w_hat in (w[:, cols], torch.randn(7, 5, generator=g, dtype=torch.float64)):
+        shift = sp.mean_compensation(w, w_hat, cols, x.mean(0))
+        torch.testing.assert_close((x[:, cols] @ w_hat.T + shift).mean(0), (x @ w.T).mean(0))
+    assert torch.equal(sp.mean_compensation(w, w, torch.arange(12), x.mean(0)), torch.zeros(7, dtype=torch.float64))
