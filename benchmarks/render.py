@@ -190,10 +190,62 @@ def device_map() -> str:
     return "\n".join(lines)
 
 
+def structprune() -> str:
+    """The StructPrune sweep (brown-512): PPL, KL, top-1, parameters, wall and peak RSS of each
+    allocation at each ratio; the acceptance ratios; the bench row; SliceGPT at equal params."""
+    path = RESULTS / "structprune.json"
+    d = json.loads(path.read_text()) if path.is_file() else {}
+    head = ["| row | PPL | KL | top-1 | block linear params removed | params | bytes on disk | wall s | peak RSS | "
+            "command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if not d.get("sweep"):
+        return "\n".join([*head, "| — | not measured | — | — | — | — | — | — | — | — |"])
+    dense = d["dense"]
+    lines = list(head)
+    lines.append(f"| dense | {dense['ppl']:.2f} | — | — | 0 % | {dense['params'] / 1e6:.1f} M | "
+                 f"{_gb(dense['bytes_on_disk'])} | — | — | — |")
+    order = {m: i for i, m in enumerate(("structprune", "uniform-admm", "uniform-none", "global-admm"))}
+    rows = sorted(d["sweep"], key=lambda r: (int(r["name"].rsplit("-", 1)[1]), order.get(r["name"].rsplit("-", 1)[0], 9)))
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | "
+                     f"{r['removed_fraction']:.2%} | {r['params'] / 1e6:.1f} M | {_gb(r['bytes_on_disk'])} | "
+                     f"{r['wall_s']:.0f} | {_gb(r['peak_rss_bytes'])} | `{r['command']}` |")
+    lines += ["", "| ratio | StructPrune ≤ uniform+ADMM | StructPrune / global | ≤ "
+                  f"{d.get('global_tolerance', 1.05)}× global | peak RSS vs global | wall vs global |",
+              "|---|---|---|---|---|---|"]
+    yes = {True: "yes", False: "**no**"}
+    for tag, a in sorted(d.get("acceptance", {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {tag} % | {yes[a['le_uniform']]} | {a['vs_global']:.3f} | {yes[a['le_global_tol']]} | "
+                     f"{a['rss_vs_global']:.2f} | {a['wall_vs_global']:.2f} |")
+    b = d.get("bench")
+    lines.append("")
+    if b:
+        lines.append(f"Prefill M = {b['tokens']} (`{b['command']}`, median of {b['repeats']}, {b['device']}): "
+                     f"pruned {b['pruned_s'] * 1e3:.0f} ms vs dense {b['dense_s'] * 1e3:.0f} ms, ratio "
+                     f"**{b['latency_ratio']:.2f}**; peak memory ratio {b['peak_ratio']:.2f}.")
+    else:
+        lines.append("Prefill bench of the 30 % model: not measured.")
+    sg = d.get("slicegpt")
+    if sg:
+        lines += ["", "| StructPrune row | params | StructPrune PPL | SliceGPT PPL at equal params | ratio | better |",
+                  "|---|---|---|---|---|---|"]
+        for r in sg["rows"]:
+            if r["slicegpt_ppl"] is None:
+                lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} M | {r['structprune_ppl']:.2f} | outside the "
+                             f"SliceGPT curve (its fewest: {sg['slicegpt_min_params'] / 1e6:.1f} M) | — | — |")
+            else:
+                lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} M | {r['structprune_ppl']:.2f} | "
+                             f"{r['slicegpt_ppl']:.2f} | {r['ratio']:.2f} | {r['better']} |")
+    m = d["machine"]
+    lines += ["", f"{d['protocol']}, {d['model']}; `{d['commands'].get('sweep', '')}`; {m['date']}, {m['cpu']}, "
+                  f"{m['cores']} cores."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
-             "plan-truth": plan_truth, "device-map": device_map}
+             "plan-truth": plan_truth, "device-map": device_map,
+             "structprune": structprune}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

@@ -169,7 +169,7 @@ def main() -> None:
                         "block_linear_params": dense_block, "bytes_on_disk": CheckpointReader(src).total_bytes()}
         store(res)
     if "sweep" in sections:
-        res["commands"]["sweep"] = "python benchmarks/structprune.py " + " ".join(sys.argv[1:])
+        res["commands"]["sweep"] = "python benchmarks/structprune.py --sections sweep"  # rows resume: --only reruns one
         rows = res.setdefault("sweep", [])
         for ratio in RATIOS:
             for method, opts in METHODS.items():
