@@ -230,13 +230,18 @@ def structprune() -> str:
                   "|---|---|---|---|---|---|"]
         for r in sg["rows"]:
             if r["slicegpt_ppl"] is None:
+                # Below SliceGPT's smallest model: no interpolation, but when StructPrune has fewer parameters
+                # *and* a lower PPL than that smallest SliceGPT model, it is better without any interpolation.
+                p_min, ppl_min = min(sg["slicegpt_points"])
+                dominates = r["params"] <= p_min and r["structprune_ppl"] < ppl_min
+                verdict = "structprune (fewer params and lower PPL than SliceGPT's smallest)" if dominates else "—"
                 lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} M | {r['structprune_ppl']:.2f} | outside the "
-                             f"SliceGPT curve (its fewest: {sg['slicegpt_min_params'] / 1e6:.1f} M) | — | — |")
+                             f"SliceGPT curve (its fewest: {p_min / 1e6:.1f} M at PPL {ppl_min:.2f}) | — | {verdict} |")
             else:
                 lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} M | {r['structprune_ppl']:.2f} | "
                              f"{r['slicegpt_ppl']:.2f} | {r['ratio']:.2f} | {r['better']} |")
     m = d["machine"]
-    lines += ["", f"{d['protocol']}, {d['model']}; `{d['commands'].get('sweep', '')}`; {m['date']}, {m['cpu']}, "
+    lines += ["", f"{d['protocol']}, {d['model']}; `{d['commands'].get('sweep', '').strip()}`; {m['date']}, {m['cpu']}, "
                   f"{m['cores']} cores."]
     return "\n".join(lines)
 
