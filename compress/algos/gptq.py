@@ -8,7 +8,7 @@ read the same input are quantised in one call by stacking their rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -19,11 +19,34 @@ from compress.errors import NumericsError
 
 @dataclass
 class GPTQStats:
-    """What one GPTQ call did: OBS loss, damping finally used, dead inputs."""
+    """What one GPTQ call did: OBS loss (total, and per input column in the original column order,
+    float64 ``[in]``: BAQ's sensitivities), damping finally used, dead inputs."""
 
     loss: float
     damp: float
     dead_inputs: int
+    column_loss: Tensor | None = None
+
+
+@dataclass
+class MixedQuantizedWeight:
+    """GPTQ output with a width per column group (BAQ).
+
+    ``parts`` hold the columns of each width as one :class:`QuantizedWeight` (whole groups of the
+    original column order, the ragged last group last), in the order ``perm`` lists them:
+    column ``j`` of ``torch.cat(parts)`` multiplies ``x[perm[j]]``. ``group_bits`` is the width
+    of every original column group.
+    """
+
+    parts: list[QuantizedWeight]
+    perm: Tensor
+    group_bits: list[int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        w = torch.cat([p.dequantize(dtype) for p in self.parts], dim=1)  # (out, in) in perm order
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
 
 
 def inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tensor, float]:
@@ -74,6 +97,42 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     Returns:
         the quantised weight (codes in the original column order) and statistics.
     """
+    solved, stats = _solve(W, H, spec, None, block_size, percdamp, act_order, static_groups)
+    offset = 1 << (spec.bits - 1)
+    codes = (solved.codes.to(torch.int16) - offset).to(torch.int8)
+    return pack_grids(codes, solved.scales, solved.zeros, spec, solved.perm), stats
+
+
+def gptq_quantize_mixed(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int], *, block_size: int = 128,
+                        percdamp: float = 0.01, act_order: bool = False,
+                        static_groups: bool = False) -> tuple[MixedQuantizedWeight, GPTQStats]:
+    """GPTQ with its own width for every group of ``spec.group_size`` original input columns
+    (``spec.bits`` is ignored): each group's grid has ``2^bits`` levels and the OBS error
+    feedback runs across groups of different widths exactly as inside one width (BAQ).
+
+    The codes are regrouped by width for storage (:class:`MixedQuantizedWeight`); with one
+    width everywhere they are those of :func:`gptq_quantize` at that width.
+    """
+    n_groups = spec.n_groups(W.shape[1]) if not spec.per_channel(W.shape[1]) else 1
+    if len(group_bits) != n_groups:
+        raise ValueError(f"{len(group_bits)} group widths for {n_groups} column groups")
+    solved, stats = _solve(W, H, spec, list(group_bits), block_size, percdamp, act_order, static_groups)
+    return _regroup(solved, spec, list(group_bits)), stats
+
+
+@dataclass
+class _Solved:
+    """Unsigned codes ``[out, in]`` (original column order) and one grid per original group."""
+
+    codes: Tensor
+    scales: list[Tensor]
+    zeros: list[Tensor]
+    perm: Tensor | None
+
+
+def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, block_size: int,
+           percdamp: float, act_order: bool, static_groups: bool) -> tuple[_Solved, GPTQStats]:
+    """The GPTQ column loop; ``group_bits`` (one width per original column group) or ``spec.bits``."""
     if not torch.isfinite(H).all():
         raise NumericsError("the calibration Hessian contains NaN/Inf",
                             "check the model's activations for overflow (try float32)")
@@ -85,8 +144,12 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     W[:, dead] = 0.0
     static = static_groups or act_order
     gw = spec.group_width(in_f)
+    n_groups = -(-in_f // gw)
+    bits = group_bits if group_bits is not None else [spec.bits] * n_groups
+    specs = {b: replace(spec, bits=b) for b in set(bits)}
+    maxqs = [(1 << b) - 1 for b in bits]
     # a per-channel grid (group ≥ row width included) spans every block, so it is fixed up front
-    grids = _static_grids(W, spec) if static or spec.per_channel(in_f) else None
+    grids = _static_grids(W, spec, bits) if static or spec.per_channel(in_f) else None
 
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     if perm is not None:
@@ -94,12 +157,11 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     U, damp = inverse_cholesky(H, percdamp)
     U = U.to(torch.float32)
 
-    codes = torch.empty(out_f, in_f, dtype=torch.int8, device=W.device)
-    loss = 0.0
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
+    col_loss = torch.empty(in_f, dtype=torch.float64, device=W.device)
     order = perm.tolist() if perm is not None else list(range(in_f))
     dyn_scales: list[Tensor] = []
     dyn_zeros: list[Tensor] = []
-    offset = 1 << (spec.bits - 1)
     B = _block_size(block_size, spec, in_f)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
@@ -110,33 +172,67 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
         grid = None
         for i in range(i2 - i1):
             col = i1 + i
+            g = order[col] // gw
             if grids is not None:
-                grid = grids[order[col] // gw]
+                grid = grids[g]
             elif col % gw == 0:
-                grid = find_grid(W1[:, i:i + gw], spec)
+                grid = find_grid(W1[:, i:i + gw], specs[bits[g]])
                 dyn_scales.append(grid.scale)
                 dyn_zeros.append(grid.zero)
             w = W1[:, i]
-            q = torch.clamp_(torch.round_(w / grid.scale).add_(grid.zero), 0, spec.maxq)  # (out,)
+            q = torch.clamp_(torch.round_(w / grid.scale).add_(grid.zero), 0, maxqs[g])  # (out,)
             Q1[:, i] = q
             err = torch.sub(w, (q - grid.zero).mul_(grid.scale)).div_(Uii[i, i])
             Err[:, i] = err
             W1[:, i:].addr_(err, Uii[i, i:], alpha=-1)  # lazy OBS update inside the block
-        codes[:, order[i1:i2]] = (Q1 - offset).to(torch.int8)
-        loss += float((Err.double() ** 2).sum() / 2)  # one device sync per block
+        codes[:, order[i1:i2]] = Q1.to(torch.uint8)
+        block_loss = (Err.double() ** 2).sum(dim=0) / 2  # (b,) OBS loss of each column
+        col_loss[order[i1:i2]] = block_loss
         W[:, i2:] -= Err @ U[i1:i2, i2:]
 
+    loss = float(col_loss.sum())  # one device sync per call
     if grids is not None:
         scales, zeros = [g.scale for g in grids], [g.zero for g in grids]
     else:
         scales, zeros = dyn_scales, dyn_zeros
-    qw = pack_grids(codes, scales, zeros, spec, perm)
-    return qw, GPTQStats(float(loss), damp, int(dead.sum()))
+    return _Solved(codes, scales, zeros, perm), GPTQStats(loss, damp, int(dead.sum()), col_loss)
 
 
-def _static_grids(W: Tensor, spec: QuantSpec) -> list[Grid]:
-    """One grid per group, computed from the (dead-column-zeroed) original weight."""
-    return group_grids(W, spec)
+def _regroup(solved: _Solved, spec: QuantSpec, group_bits: list[int]) -> MixedQuantizedWeight:
+    """Gather the columns of each width into one part (groups in original order inside a part;
+    the part holding the ragged last group goes last, since a ragged group must end a segment)."""
+    in_f = solved.codes.shape[1]
+    gw = spec.group_width(in_f)
+    last = len(group_bits) - 1
+    ragged = in_f % gw != 0
+    widths = sorted(set(group_bits), key=lambda b: (ragged and b == group_bits[last], b))
+    parts, cols = [], []
+    for b in widths:
+        gs = [g for g, gb in enumerate(group_bits) if gb == b]
+        dev = solved.codes.device
+        idx = torch.cat([torch.arange(g * gw, min((g + 1) * gw, in_f), device=dev) for g in gs])
+        sub_spec = replace(spec, bits=b)
+        codes = (solved.codes[:, idx].to(torch.int16) - (1 << (b - 1))).to(torch.int8)  # (out, cols of width b)
+        part = pack_grids(codes, [solved.scales[g] for g in gs], [solved.zeros[g] for g in gs], sub_spec)
+        parts.append(part)
+        cols.append(idx)
+    return MixedQuantizedWeight(parts, torch.cat(cols), list(group_bits))
+
+
+def _static_grids(W: Tensor, spec: QuantSpec, bits: list[int]) -> list[Grid]:
+    """One grid per group, computed from the (dead-column-zeroed) original weight at its width."""
+    if len(set(bits)) == 1:
+        return group_grids(W, replace(spec, bits=bits[0]))
+    in_f = W.shape[1]
+    gw = spec.group_width(in_f)
+    grids: list[Grid | None] = [None] * len(bits)
+    for b in set(bits):
+        gs = [g for g, gb in enumerate(bits) if gb == b]
+        idx = torch.cat([torch.arange(g * gw, min((g + 1) * gw, in_f), device=W.device) for g in gs])
+        # the groups of width b side by side (ragged last group, if any, last): grids in that order
+        for g, grid in zip(gs, group_grids(W[:, idx], replace(spec, bits=b)), strict=True):
+            grids[g] = grid
+    return grids  # type: ignore[return-value]
 
 
 def relative_output_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:

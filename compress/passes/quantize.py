@@ -8,19 +8,22 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from compress.algos.gptq import gptq_quantize, relative_output_error
+from compress.algos import baq as baq_algos
+from compress.algos.gptq import MixedQuantizedWeight, gptq_quantize, gptq_quantize_mixed, relative_output_error
 from compress.algos.quant import QuantizedWeight, QuantSpec, rtn_quantize, split_rows
 from compress.calib.pipeline import LayerContext
 from compress.calib.staged import run_staged, supports_staged
-from compress.modules.quant_linear import QuantLinear
+from compress.modules.quant_linear import MixedQuantLinear, QuantLinear
+from compress.passes import baq as baq_pass
 from compress.pipeline.memory import MemoryShape
 from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
 from compress.pipeline.stats import group_first, input_gram_statistic, input_grams
 from compress.registry import register_pass
 from compress.report import LayerRecord
+from kernels.packing import SUPPORTED_BITS
 
 
 class QuantConfig(PassConfig):
@@ -122,6 +125,53 @@ class GPTQConfig(QuantConfig):
     propagate: Literal["quantized", "dense"] = Field("quantized", description=(
         "what calibrates the next block: this block's quantised or dense outputs"))
     hessian_dtype: Literal["float64", "float32"] = Field("float64", description="Hessian accumulator dtype")
+    allocate: Literal["none", "baq"] = Field("none", description=(
+        "bit allocation: none (every weight at --bits) or baq (widths per column group from GPTQ's losses)"))
+    average_bits: float | None = Field(None, ge=1.0, le=8.0, description=(
+        "BAQ budget in average code bits per quantised weight [default: --bits]"))
+    bit_choices: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description=(
+        "widths BAQ may give a column group (kernel-served: 2, 3, 4, 8)"))
+    theta: float = Field(baq_algos.THETA, gt=0.5, le=4.0, description=(
+        "BAQ's rate-loss exponent: loss ∝ 2^(-theta·bits) (the paper's 1.95)"))
+    granularity: baq_pass.Granularity = Field("group", description=(
+        "what BAQ gives one width: group (each --group-size columns) or layer (each fused linear group)"))
+    scope: baq_pass.Scope = Field("layer", description=(
+        "where BAQ's closed form balances losses: layer (each fused group averages the budget, the paper) or model"))
+
+    @field_validator("bit_choices", mode="before")
+    @classmethod
+    def _choices(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [p for p in v.replace(" ", "").split(",") if p]
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and "," in v[0]:
+            v = [p for p in v[0].split(",") if p]
+        if isinstance(v, list):
+            try:
+                v = sorted({int(x) for x in v})
+            except (TypeError, ValueError):
+                raise ValueError("give widths as integers, e.g. 2,3,4,8") from None
+            bad = [b for b in v if b not in SUPPORTED_BITS]
+            if bad:
+                raise ValueError(f"{bad[0]} bits has no kernel; choose from {', '.join(map(str, SUPPORTED_BITS))}")
+            if not v:
+                raise ValueError("name at least one width")
+        return v
+
+    @model_validator(mode="after")
+    def _allocation(self) -> GPTQConfig:
+        if self.allocate == "none":
+            if self.average_bits is not None:
+                raise ValueError("average_bits (--average-bits) is BAQ's budget: add allocate: baq (--allocate baq)")
+            return self
+        lo, hi = min(self.bit_choices), max(self.bit_choices)
+        if not lo <= self.budget() <= hi:
+            raise ValueError(f"a BAQ budget (average_bits / --average-bits, else bits) of {self.budget():g} is "
+                             f"outside the bit choices {lo}..{hi}")
+        return self
+
+    def budget(self) -> float:
+        """BAQ's average-bit budget (``average_bits``, else ``bits``)."""
+        return float(self.bits if self.average_bits is None else self.average_bits)
 
 
 def quant_bytes(cfg: QuantConfig, out_f: int, in_f: int, scale_dtype: torch.dtype = torch.float32) -> int:
@@ -141,7 +191,14 @@ class _QuantPass(Pass):
     uses_final_hidden = False
 
     def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
-        return quant_bytes(self.config, out_features, in_features) if self.config.selects(rel_name) else None
+        if not self.config.selects(rel_name):
+            return None
+        c = self.config
+        if getattr(c, "allocate", "none") != "baq":
+            return quant_bytes(c, out_features, in_features)
+        # BAQ: the budget's share between the 2- and 8-bit layouts (bytes are affine in the width)
+        lo, hi = (quant_bytes(c.model_copy(update={"bits": b}), out_features, in_features) for b in (2, 8))
+        return int(round(lo + (c.budget() - 2) / 6 * (hi - lo)))
 
     def resolve(self, linears: list[tuple[str, int, int]]) -> None:
         """Fix ``group_size: auto`` against the input widths of the linears this pass quantises,
@@ -236,18 +293,59 @@ class GPTQPass(_QuantPass):
 
     def _flags(self) -> list[str]:
         return [w for w, on in (("act-order", self.config.act_order),
-                                ("static-groups", self.config.static_groups)) if on]
+                                ("static-groups", self.config.static_groups)) if on] + self._flags_baq()
+
+    def _flags_baq(self) -> list[str]:
+        c = self.config
+        if c.allocate != "baq":
+            return []
+        return [f"baq avg {c.budget():g} of {','.join(map(str, c.bit_choices))}"
+                + ("" if c.granularity == "group" else f" per {c.granularity}")]
 
     def needs(self) -> Needs:
         """Under ``propagate: dense`` the Hessians are statistics of the dense model: scanned
-        (and kept in the work store), and the apply phase reads nothing else."""
-        return Needs(scan=True, activations=False) if self.config.propagate == "dense" else Needs()
+        (and kept in the work store), and the apply phase reads nothing else. BAQ scans GPTQ's
+        per-column losses (with the Hessians) and plans the widths before any block is applied."""
+        dense = self.config.propagate == "dense"
+        if self.config.allocate == "baq":
+            return Needs(scan=True, plan=True, activations=not dense)
+        return Needs(scan=True, activations=False) if dense else Needs()
 
     def statistic(self) -> Statistic | None:
-        return input_gram_statistic(self.config.hessian_dtype) if self.config.propagate == "dense" else None
+        c = self.config
+        if c.allocate == "baq":
+            return Statistic("baq-losses", 1, {
+                "dtype": c.hessian_dtype, "bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric,
+                "mse": c.mse, "damp": c.damp, "block_size": c.block_size, "act_order": c.act_order,
+                "static_groups": c.static_groups, "targets": c.targets, "ignore": c.ignore})
+        return input_gram_statistic(c.hessian_dtype) if c.propagate == "dense" else None
 
     def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
+        if self.config.allocate == "baq":
+            return baq_pass.scan_losses(ctx, _selected_groups(ctx, self.config), self.config)
         return input_grams(ctx, self.config.hessian_dtype)
+
+    def plan(self, stats: object, run: object) -> baq_pass.BAQPlan:
+        groups_of = {}
+        for g in run.adapter.groups:  # type: ignore[attr-defined]
+            sel = [n for n in g if self.config.selects(n)]
+            if sel:
+                groups_of[sel[0]] = sel
+        return baq_pass.make_plan(stats, groups_of, self.config)  # type: ignore[arg-type]
+
+    def begin(self, run: object) -> None:
+        super().begin(run)
+        self._plan = getattr(run, "plan", None) if self.config.allocate == "baq" else None
+
+    def write_reports(self, run: object, directory: object) -> None:
+        plan = getattr(run, "plan", None)
+        if self.config.allocate != "baq" or not isinstance(plan, baq_pass.BAQPlan):
+            return
+        from pathlib import Path
+
+        out = Path(str(directory))
+        out.mkdir(parents=True, exist_ok=True)
+        baq_pass.bits_figure(plan, self.scheme()).savefig(out / "bits.png", dpi=100)
 
     def plan_memory(self, shape: MemoryShape) -> dict[str, int]:
         """The Hessians of one block, the solver's copies of the widest weight (W, its
@@ -272,7 +370,7 @@ class GPTQPass(_QuantPass):
             run_staged(ctx, per_group, lambda names, H: records.extend(self._group(ctx, names, H)))
             return records
         groups = _selected_groups(ctx, self.config)
-        if ctx.stats is not None:  # propagate: dense, Hessians from the scan
+        if self.config.propagate == "dense":  # Hessians from the scan
             for g in groups:
                 records += self._group(ctx, g, ctx.stats[group_first(ctx.adapter, g[0])])
         elif self.config.sequential == "layer":
@@ -289,15 +387,53 @@ class GPTQPass(_QuantPass):
         weights = [ctx.module(n).weight.detach() for n in names]
         W = torch.cat(weights, dim=0)  # (sum of out, in): siblings stacked by rows
         c = self.config
+        unit = self._plan.unit(ctx.index, names[0]) if getattr(self, "_plan", None) is not None else None
+        widths = None if unit is None else unit.group_bits
+        spec = c.spec(W.dtype)
+        if widths is not None and len(set(widths)) == 1:  # one width: exactly GPTQ at that width
+            spec, widths = QuantSpec(widths[0], spec.group_size, spec.symmetric, spec.mse, spec.scale_dtype), None
+        opts = {"block_size": c.block_size, "percdamp": c.damp, "act_order": c.act_order,
+                "static_groups": c.static_groups}
         with single_thread():
-            qw, stats = gptq_quantize(W, H, c.spec(W.dtype), block_size=c.block_size,
-                                      percdamp=c.damp, act_order=c.act_order,
-                                      static_groups=c.static_groups)
+            if widths is None:
+                qw, stats = gptq_quantize(W, H, spec, **opts)
+            else:
+                mixed, stats = gptq_quantize_mixed(W, H, spec, widths, **opts)
         dt = (time.perf_counter() - t0) / len(names)
-        parts = split_rows(qw, [w.shape[0] for w in weights])
+        sizes = [w.shape[0] for w in weights]
         records = []
-        for name, part in zip(names, parts, strict=True):
-            rec = _install(ctx, name, part, self.name, dt, H)
+        if widths is None:
+            for name, part in zip(names, split_rows(qw, sizes), strict=True):
+                records.append(_install(ctx, name, part, self.name, dt, H))
+        else:
+            for name, parts in zip(names, _split_mixed(mixed, sizes), strict=True):
+                records.append(_install_mixed(ctx, name, parts, mixed.perm, self.name, dt, H))
+        for rec in records:
             rec.extra.update({"damp": stats.damp, "dead_inputs": stats.dead_inputs})
-            records.append(rec)
+            if unit is not None:
+                rec.extra.update({"widths": baq_pass.width_histogram(unit.group_bits, unit.in_features,
+                                                                     unit.group_width),
+                                  "predicted_loss": unit.predicted_loss, "measured_loss": stats.loss})
         return records
+
+
+def _split_mixed(mixed: MixedQuantizedWeight, sizes: list[int]) -> list[list[QuantizedWeight]]:
+    """Per sibling (rows of the stacked call), its part of every width."""
+    per_part = [split_rows(p, sizes) for p in mixed.parts]
+    return [[pp[i] for pp in per_part] for i in range(len(sizes))]
+
+
+def _install_mixed(ctx: LayerContext, name: str, parts: list[QuantizedWeight], perm: Tensor, stage: str,
+                   t: float, H: Tensor | None) -> LayerRecord:
+    """Swap the dense linear ``name`` for a MixedQuantLinear (one packed range per width)."""
+    dense = ctx.module(name)
+    W = dense.weight.detach()
+    qlin = MixedQuantLinear.from_quantized(parts, dense.bias, perm)
+    ctx.replace(name, qlin)
+    nbytes = sum(b.numel() * b.element_size() for k, b in qlin.state_dict().items() if not k.endswith("bias"))
+    deq = qlin.dequantized_weight(torch.float32)
+    err = None if H is None else relative_output_error(W.float(), deq, H)
+    werr = float(((W.float() - deq) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
+    return LayerRecord(stage=stage, layer=ctx.index, module=ctx.prefix + name, kind="quant",
+                       bits=8 * nbytes / W.numel(), error=err, weight_error=werr, time_s=t, bytes=nbytes,
+                       params=W.numel())

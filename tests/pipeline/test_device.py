@@ -37,6 +37,7 @@ PASS_CASES = {
     "rtn": {"bits": 4, "group_size": 32},
     "gptq": {"bits": 4, "group_size": 32},
     "gptq-actorder-mse": ("gptq", {"bits": 3, "group_size": 32, "act_order": True, "mse": True}),
+    "gptq-baq": ("gptq", {"bits": 3, "group_size": 16, "allocate": "baq", "average_bits": 2.6, "scope": "model"}),
     "lowrank": {"ratio": 0.5},
     "slicegpt": {"sparsity": 0.25},
     "structprune": {"sparsity": 0.2},
