@@ -387,8 +387,11 @@ def test_a_full_disk_while_storing_statistics_is_one_line(tmp_path: Path) -> Non
     model = make_llama(tmp_path / "llama", layers=2)
     out = tmp_path / "o"
     before = dir_hash(model)
+    from compress.assets import brown_corpus_path
+
+    corpus = brown_corpus_path().parent  # found (or fetched) here, outside the file-size limit
     p = compress("gptq", str(model), "-o", str(out), "--propagate", "dense", *SMOKE,
-                 env={"COMPRESS_CACHE": str(tmp_path / "cache")},
+                 env={"COMPRESS_CACHE": str(tmp_path / "cache"), "COMPRESS_DATA_DIR": str(corpus)},
                  prefix=["bash", "-c", 'ulimit -f 120; exec "$@"', "bash"])
     refused(p, "cannot write")
     assert not out.exists() and not out.with_name("o.partial").exists() and dir_hash(model) == before
