@@ -8,7 +8,8 @@ Rows (every command through the CLI, every output scored by ``compress.load``):
   from the work store), 4.0 scans at 4;
 * ``baq-3.0-<scope>`` — the other closed-form scope at 3.0 (the default scope is the row above).
 
-Per row: PPL, KL and top-1 agreement to the dense model on the brown-512 evaluation windows,
+``kernel_split``: CPU latency of a mixed-width linear (a sum of per-width matmuls) against one
+width at the same shape. Per row: PPL, KL and top-1 agreement to the dense model on the brown-512 evaluation windows,
 bytes on disk, wall time and peak RSS of the command; for BAQ rows the realised average (asserted
 within ±0.01 of the budget) and the correlation over fused groups of log predicted loss
 (``Σ n_g c_g 2^(−θ b_g)``) with log measured OBS loss in the apply. Acceptance: ``acceptance``.
@@ -128,6 +129,47 @@ def acceptance(rows: list[dict]) -> dict:
     return out
 
 
+def kernel_split(repeats: int = 7) -> dict:
+    """CPU (torch twin) latency of one mixed-width linear — a sum of per-width quantised matmuls,
+    one range per width — against one single-width linear of the same shape and average bits
+    (SmolLM2's down_proj, 576 × 1536, g64): what splitting the columns by width costs."""
+    import time
+
+    from benchmarks.common import median
+    from compress.algos.gptq import gptq_quantize, gptq_quantize_mixed
+    from compress.algos.quant import QuantSpec
+    from compress.modules import MixedQuantLinear, QuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = 576, 1536
+    W = torch.randn(out_f, in_f, generator=g) * 0.02
+    X = torch.randn(2048, in_f, generator=g, dtype=torch.float64)
+    H = X.T @ X / 2048
+    widths = [8] * 2 + [4] * 4 + [3] * 10 + [2] * 8  # 24 groups of 64, average 3.0
+    mixed, _ = gptq_quantize_mixed(W, H, QuantSpec(3, 64), widths, act_order=True)
+    lin_mixed = MixedQuantLinear.from_quantized(mixed.parts, None, mixed.perm)
+    lin_one = QuantLinear.from_quantized(gptq_quantize(W, H, QuantSpec(3, 64), act_order=True)[0], None)
+
+    def latency(mod: torch.nn.Module, m: int) -> float:
+        x = torch.randn(m, in_f, generator=g)
+        with torch.no_grad():
+            mod(x)  # warm-up (decoded-weight caches, allocator)
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                mod(x)
+                ts.append(time.perf_counter() - t0)
+        return median(ts)
+
+    rows = []
+    for m in (1, 512):
+        a, b = latency(lin_mixed, m), latency(lin_one, m)
+        rows.append({"m": m, "mixed_s": a, "single_s": b, "ratio": a / b})
+    return {"shape": [out_f, in_f], "group_size": 64, "widths": {"8": 2, "4": 4, "3": 10, "2": 8},
+            "served_by": "CPU, torch twin", "threads": torch.get_num_threads(), "repeats": repeats,
+            "rows": rows, "machine": machine()}
+
+
 def store(res: dict) -> Path:
     return merge_save("baq", res, nested={"rows": ("name",), "commands": None})
 
@@ -167,6 +209,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     res["rows"] = rows
     res["acceptance"] = acceptance(rows)
+    if only is None or "kernel" in only:
+        res["kernel_split"] = kernel_split()
     print(store(res))
 
 

@@ -1,7 +1,7 @@
 """Markdown tables for BENCHMARKS.md, printed from the results JSON (never typed in by hand).
 
 Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e | depth | cache-reuse |
-       resume | port-regression | plan-truth | device-map
+       resume | port-regression | plan-truth | device-map | structprune | baq
 """
 
 from __future__ import annotations
@@ -246,11 +246,64 @@ def structprune() -> str:
     return "\n".join(lines)
 
 
+def baq() -> str:
+    """BAQ vs uniform GPTQ at average 2.5 / 3 / 4 bits (benchmarks/baq.py)."""
+    path = RESULTS / "baq.json"
+    if not path.is_file():
+        return "| row | PPL |\n|---|---|\n| — | not measured |"
+    d = json.loads(path.read_text())
+    lines = ["| row | PPL | KL | top-1 | realised bits | weights at 2/3/4/8 bits | bytes on disk | wall s | "
+             "peak RSS | log-loss corr. | command |", "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | {d['dense']['ppl']:.2f} | — | — | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — | — |"]
+    for r in d.get("rows", []):
+        a = r.get("allocation")
+        if a:
+            total = sum(a["weights_per_width"].values())
+            mix = " / ".join(f"{100 * a['weights_per_width'].get(str(b), 0) / total:.0f} %" for b in (2, 3, 4, 8))
+            corr = "—" if a["loss_log_correlation"] is None else f"{a['loss_log_correlation']:.3f}"
+            bits = f"{a['realized']:.4f}"
+        else:
+            mix, corr, bits = "—", "—", "—"
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {bits} | {mix} | "
+                     f"{_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} | {_gb(r['peak_rss_bytes'])} | {corr} | "
+                     f"`{r['command']}` |")
+    acc = d.get("acceptance", {})
+    lines += ["", "| budget | check | value | met |", "|---|---|---|---|"]
+    if "3.0" in acc:
+        a = acc["3.0"]
+        lines.append(f"| 3.0 | BAQ PPL / uniform W3 PPL (≤ {d['targets']['w3_ppl_ratio']}) | {a['ppl_ratio']:.3f} | "
+                     f"{'yes' if a['le_target'] else 'no'} |")
+        lines.append(f"| 3.0 | bytes / uniform W3 bytes (within ±{d['targets']['bytes_tolerance']:.0%}) | "
+                     f"{a['bytes_ratio']:.4f} | {'yes' if a['bytes_within'] else 'no'} |")
+    if "2.5" in acc:
+        a = acc["2.5"]
+        lines.append(f"| 2.5 | BAQ PPL / W2–W3 byte-matched interpolation ({a['interpolated_ppl']:.2f}) | "
+                     f"{a['ppl_ratio']:.3f} | {'yes' if a['beats'] else 'no'} |")
+    if "4.0" in acc:
+        a = acc["4.0"]
+        lines.append(f"| 4.0 | BAQ PPL / uniform W4 PPL (≤ 1) | {a['ppl_ratio']:.3f} | "
+                     f"{'yes' if a['le_uniform'] else 'no'} |")
+    if "budgets_met" in acc:
+        lines.append(f"| all | realised average within ±{d['targets']['budget_tolerance']} of the budget | — | "
+                     f"{'yes' if acc['budgets_met'] else 'no'} |")
+    k = d.get("kernel_split")
+    if k:
+        parts = ", ".join(f"M = {r['m']}: {r['mixed_s'] * 1e3:.2f} ms vs {r['single_s'] * 1e3:.2f} ms "
+                          f"(**{r['ratio']:.2f}×**)" for r in k["rows"])
+        lines += ["", f"Mixed-width linear ({k['shape'][0]} × {k['shape'][1]}, g{k['group_size']}, widths "
+                      f"{', '.join(f'{n}×{b}-bit' for b, n in k['widths'].items())} groups) vs one 3-bit linear, "
+                      f"{k['served_by']}, {k['threads']} threads, median of {k['repeats']}: {parts}."]
+    m = d["machine"]
+    lines += ["", f"{d['protocol']}, {d['model']}; `{d['commands']['run']}`; {m['date']}, {m['cpu']}, "
+                  f"{m['cores']} cores."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
              "plan-truth": plan_truth, "device-map": device_map,
-             "structprune": structprune}
+             "structprune": structprune, "baq": baq}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

@@ -49,16 +49,39 @@ def group_sensitivity(column_loss: Tensor, rows: int, group_width: int, ref_bits
     return per_group / (cols * rows) * 2.0 ** (theta * ref_bits)
 
 
+def row_block_sensitivity(row_loss: Tensor, in_features: int, sizes: list[int], block: int, ref_bits: int,
+                          theta: float = THETA) -> tuple[Tensor, Tensor]:
+    """Per-weight sensitivity of every block of ``block`` output rows (cut inside each sibling of
+    ``sizes`` rows, the last block of a sibling ragged) from GPTQ's per-row OBS losses at
+    ``ref_bits``; returns it and the rows of every block."""
+    loss = row_loss.to(torch.float64)
+    sums, counts, start = [], [], 0
+    for size in sizes:
+        for a in range(0, size, block):
+            b = min(a + block, size)
+            sums.append(loss[start + a:start + b].sum())
+            counts.append(b - a)
+        start += size
+    rows = torch.tensor(counts, dtype=torch.float64, device=loss.device)
+    return torch.stack(sums) / (rows * in_features) * 2.0 ** (theta * ref_bits), rows
+
+
 def closed_form_bits(c: Tensor, n: Tensor, budget: float, theta: float = THETA) -> Tensor:
     """``R_g = R̄ + (1/θ)·log₂(c_g / geomean(c))`` with the geometric mean weighted by ``n``
     (weights per group), so that ``Σ n_g R_g = R̄ Σ n_g`` exactly. Zero sensitivities (dead
     inputs) are floored at 1e-12 of the largest so the logarithm stays finite."""
     c = c.to(torch.float64)
     n = n.to(torch.float64)
-    c = c.clamp_min(float(c.max()) * 1e-12 if float(c.max()) > 0 else 1e-300)
-    log_c = torch.log2(c)
-    log_geo = (n * log_c).sum() / n.sum()
-    return budget + (log_c - log_geo) / theta
+    return budget + torch.log2(_floored(c) / _geomean(c, n)) / theta
+
+
+def _floored(c: Tensor) -> Tensor:
+    return c.clamp_min(float(c.max()) * 1e-12 if float(c.max()) > 0 else 1e-300)
+
+
+def _geomean(c: Tensor, n: Tensor) -> Tensor:
+    """Geometric mean of ``c`` weighted by ``n`` (zeros floored, see :func:`closed_form_bits`)."""
+    return torch.exp2((n * torch.log2(_floored(c))).sum() / n.sum())
 
 
 def predicted_loss(c: Tensor, n: Tensor, bits: Tensor, theta: float = THETA) -> Tensor:
@@ -95,13 +118,16 @@ def allocate(c: Tensor, n: Tensor, budget: float, choices: tuple[int, ...], *, t
         raise ValueError(f"an average of {budget:g} bits is outside the choices {ch[0]}..{ch[-1]}")
     c = c.to(torch.float64)
     n = n.to(torch.float64)
-    R = torch.empty_like(c)
+    raw = c
     if scopes is None:
         R = closed_form_bits(c, n, budget, theta)
-    else:
+    else:  # each scope's losses in units of its own geometric mean: the repair then weighs every
+        # scope alike (the closed form is unchanged by that scaling)
+        R, c = torch.empty_like(c), c.clone()
         for s in torch.unique(scopes):
             m = scopes == s
             R[m] = closed_form_bits(c[m], n[m], budget, theta)
+            c[m] = raw[m] / _geomean(raw[m], n[m])
     table = torch.tensor(ch, dtype=torch.float64, device=c.device)
     idx = (R.unsqueeze(1) - table).abs().argmin(dim=1)  # (G,) nearest choice
     idx, moves = _repair(idx, table, c, n, budget, theta)
@@ -117,7 +143,7 @@ def allocate(c: Tensor, n: Tensor, budget: float, choices: tuple[int, ...], *, t
     if not budget - tol - 1e-12 <= realized <= budget + 1e-12:
         raise ValueError(f"the groups are too coarse for an average of {budget:g} ± {tol:g} bits "
                          f"(nearest: {realized:.4f})")
-    return Allocation(bits.to(torch.int64), realized, float(predicted_loss(c, n, bits, theta).sum()), moves)
+    return Allocation(bits.to(torch.int64), realized, float(predicted_loss(raw, n, bits, theta).sum()), moves)
 
 
 def _repair(idx: Tensor, table: Tensor, c: Tensor, n: Tensor, budget: float, theta: float) -> tuple[Tensor, int]:

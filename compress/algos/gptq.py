@@ -19,23 +19,24 @@ from compress.errors import NumericsError
 
 @dataclass
 class GPTQStats:
-    """What one GPTQ call did: OBS loss (total, and per input column in the original column order,
-    float64 ``[in]``: BAQ's sensitivities), damping finally used, dead inputs."""
+    """What one GPTQ call did: OBS loss (total, per input column in the original column order and
+    per output row, float64: BAQ's sensitivities), damping finally used, dead inputs."""
 
     loss: float
     damp: float
     dead_inputs: int
     column_loss: Tensor | None = None
+    row_loss: Tensor | None = None  # float64 [out]: the same losses summed over every column of a row
 
 
 @dataclass
 class MixedQuantizedWeight:
     """GPTQ output with a width per column group (BAQ).
 
-    ``parts`` hold the columns of each width as one :class:`QuantizedWeight` (whole groups of the
-    original column order, the ragged last group last), in the order ``perm`` lists them:
-    column ``j`` of ``torch.cat(parts)`` multiplies ``x[perm[j]]``. ``group_bits`` is the width
-    of every original column group.
+    ``parts`` hold the columns of each width as one :class:`QuantizedWeight` (whole groups, the
+    ragged last group last), in the order ``perm`` lists them: column ``j`` of
+    ``torch.cat(parts)`` multiplies ``x[perm[j]]``. ``group_bits`` is the width of every group
+    (see :func:`gptq_quantize_mixed` for what a group is).
     """
 
     parts: list[QuantizedWeight]
@@ -97,32 +98,81 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 12
     Returns:
         the quantised weight (codes in the original column order) and statistics.
     """
-    solved, stats = _solve(W, H, spec, None, block_size, percdamp, act_order, static_groups)
+    solved, stats = _solve(W, H, spec, None, block_size, percdamp, act_order or None, static_groups)
     offset = 1 << (spec.bits - 1)
     codes = (solved.codes.to(torch.int16) - offset).to(torch.int8)
     return pack_grids(codes, solved.scales, solved.zeros, spec, solved.perm), stats
 
 
-def gptq_quantize_mixed(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int], *, block_size: int = 128,
-                        percdamp: float = 0.01, act_order: bool = False,
-                        static_groups: bool = False) -> tuple[MixedQuantizedWeight, GPTQStats]:
-    """GPTQ with its own width for every group of ``spec.group_size`` original input columns
-    (``spec.bits`` is ignored): each group's grid has ``2^bits`` levels and the OBS error
-    feedback runs across groups of different widths exactly as inside one width (BAQ).
+def act_order_perm(H: Tensor) -> Tensor:
+    """Columns by decreasing Hessian diagonal (dead inputs, diagonal 0, count as 1 as in the solve)."""
+    d = torch.diagonal(H).to(torch.float64).clone()
+    d[d == 0] = 1.0
+    return torch.argsort(d, descending=True)
 
-    The codes are regrouped by width for storage (:class:`MixedQuantizedWeight`); with one
-    width everywhere they are those of :func:`gptq_quantize` at that width.
+
+def group_columns(in_f: int, group_width: int, perm: Tensor | None, device: torch.device) -> list[Tensor]:
+    """Original column indices of every group: ``group_width`` consecutive columns of the
+    processing order (``perm``, or the original order), the last group ragged when it must be."""
+    order = perm.to(device) if perm is not None else torch.arange(in_f, device=device)
+    return [order[a:a + group_width] for a in range(0, in_f, group_width)]
+
+
+def gptq_quantize_mixed(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int], *, block_size: int = 128,
+                        percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                        perm: Tensor | None = None) -> tuple[MixedQuantizedWeight, GPTQStats]:
+    """GPTQ with its own width for every column group (``spec.bits`` is ignored): each group's
+    grid has ``2^bits`` levels and the OBS error feedback runs across groups of different widths
+    exactly as inside one width (BAQ).
+
+    Groups are ``spec.group_size`` consecutive columns *of the processing order*: under act-order
+    the columns of similar Hessian diagonal share a group (and its width), with grids computed
+    from the updated weights as the loop reaches them (GPTQ's dynamic groups); the stored
+    permutation makes that free at inference (no ``g_idx``). ``static_groups`` instead groups
+    original columns with grids from the original weights. ``perm`` fixes the act-order
+    permutation (e.g. the one the allocation was planned with) instead of deriving it from ``H``.
+
+    The codes are regrouped by width for storage (:class:`MixedQuantizedWeight`).
     """
-    n_groups = spec.n_groups(W.shape[1]) if not spec.per_channel(W.shape[1]) else 1
+    in_f = W.shape[1]
+    n_groups = spec.n_groups(in_f) if not spec.per_channel(in_f) else 1
     if len(group_bits) != n_groups:
         raise ValueError(f"{len(group_bits)} group widths for {n_groups} column groups")
-    solved, stats = _solve(W, H, spec, list(group_bits), block_size, percdamp, act_order, static_groups)
-    return _regroup(solved, spec, list(group_bits)), stats
+    if perm is None and act_order:
+        perm = act_order_perm(H)
+    solved, stats = _solve(W, H, spec, list(group_bits), block_size, percdamp, perm, static_groups, permuted=True)
+    gw = spec.group_width(in_f)
+    cols = group_columns(in_f, gw, None if static_groups else solved.perm, W.device)
+    return _regroup(solved, spec, list(group_bits), cols), stats
+
+
+def gptq_quantize_rows(W: Tensor, H: Tensor, spec: QuantSpec, row_bits: list[int], *, block_size: int = 128,
+                       percdamp: float = 0.01, act_order: bool = False,
+                       static_groups: bool = False) -> tuple[list[tuple[Tensor, QuantizedWeight]], GPTQStats]:
+    """GPTQ with a width per output row (``spec.bits`` is ignored). Rows are independent given the
+    Hessian and the column order, so each width's rows are one ordinary GPTQ call — exactly what a
+    single call with a per-row grid would compute. Returns ``(rows, quantised rows)`` per width,
+    narrowest first, and the statistics of all rows together."""
+    if len(row_bits) != W.shape[0]:
+        raise ValueError(f"{len(row_bits)} row widths for {W.shape[0]} rows")
+    widths = torch.tensor(row_bits, device=W.device)
+    parts, loss, dead, damp = [], 0.0, 0, percdamp
+    col_loss = torch.zeros(W.shape[1], dtype=torch.float64, device=W.device)
+    row_loss = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+    for b in sorted(set(row_bits)):
+        rows = torch.nonzero(widths == b).flatten()
+        qw, st = gptq_quantize(W[rows], H, replace(spec, bits=b), block_size=block_size, percdamp=percdamp,
+                               act_order=act_order, static_groups=static_groups)
+        parts.append((rows, qw))
+        loss, dead, damp = loss + st.loss, st.dead_inputs, max(damp, st.damp)
+        col_loss += st.column_loss  # type: ignore[operator]
+        row_loss[rows] = st.row_loss  # type: ignore[index]
+    return parts, GPTQStats(loss, damp, dead, col_loss, row_loss)
 
 
 @dataclass
 class _Solved:
-    """Unsigned codes ``[out, in]`` (original column order) and one grid per original group."""
+    """Unsigned codes ``[out, in]`` (original column order) and one grid per group."""
 
     codes: Tensor
     scales: list[Tensor]
@@ -131,8 +181,15 @@ class _Solved:
 
 
 def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, block_size: int,
-           percdamp: float, act_order: bool, static_groups: bool) -> tuple[_Solved, GPTQStats]:
-    """The GPTQ column loop; ``group_bits`` (one width per original column group) or ``spec.bits``."""
+           percdamp: float, perm: Tensor | bool | None, static_groups: bool,
+           permuted: bool = False) -> tuple[_Solved, GPTQStats]:
+    """The GPTQ column loop at ``spec.bits``, or with one width per group (``group_bits``).
+
+    ``perm``: the processing order (a permutation), ``True`` for act-order from ``H``, or None.
+    Groups are original columns with static grids under act-order (``permuted`` False: what
+    :func:`gptq_quantize` stores), or consecutive columns of the processing order with dynamic
+    grids (``permuted`` True and not ``static_groups``).
+    """
     if not torch.isfinite(H).all():
         raise NumericsError("the calibration Hessian contains NaN/Inf",
                             "check the model's activations for overflow (try float32)")
@@ -142,7 +199,8 @@ def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, 
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    static = static_groups or act_order
+    act_order = perm is not None and perm is not False
+    static = static_groups or (act_order and not permuted)
     gw = spec.group_width(in_f)
     n_groups = -(-in_f // gw)
     bits = group_bits if group_bits is not None else [spec.bits] * n_groups
@@ -151,14 +209,19 @@ def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, 
     # a per-channel grid (group ≥ row width included) spans every block, so it is fixed up front
     grids = _static_grids(W, spec, bits) if static or spec.per_channel(in_f) else None
 
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+    if perm is True:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+    elif not act_order:
+        perm = None
     if perm is not None:
+        perm = perm.to(W.device)
         W, H = W[:, perm], H[perm][:, perm]
     U, damp = inverse_cholesky(H, percdamp)
     U = U.to(torch.float32)
 
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
     col_loss = torch.empty(in_f, dtype=torch.float64, device=W.device)
+    row_loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
     order = perm.tolist() if perm is not None else list(range(in_f))
     dyn_scales: list[Tensor] = []
     dyn_zeros: list[Tensor] = []
@@ -172,13 +235,15 @@ def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, 
         grid = None
         for i in range(i2 - i1):
             col = i1 + i
-            g = order[col] // gw
-            if grids is not None:
+            if grids is not None:  # static: the group of the original column
+                g = order[col] // gw
                 grid = grids[g]
-            elif col % gw == 0:
-                grid = find_grid(W1[:, i:i + gw], specs[bits[g]])
-                dyn_scales.append(grid.scale)
-                dyn_zeros.append(grid.zero)
+            else:  # dynamic: the group of the processing position
+                g = col // gw
+                if col % gw == 0:
+                    grid = find_grid(W1[:, i:i + gw], specs[bits[g]])
+                    dyn_scales.append(grid.scale)
+                    dyn_zeros.append(grid.zero)
             w = W1[:, i]
             q = torch.clamp_(torch.round_(w / grid.scale).add_(grid.zero), 0, maxqs[g])  # (out,)
             Q1[:, i] = q
@@ -186,8 +251,9 @@ def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, 
             Err[:, i] = err
             W1[:, i:].addr_(err, Uii[i, i:], alpha=-1)  # lazy OBS update inside the block
         codes[:, order[i1:i2]] = Q1.to(torch.uint8)
-        block_loss = (Err.double() ** 2).sum(dim=0) / 2  # (b,) OBS loss of each column
-        col_loss[order[i1:i2]] = block_loss
+        sq = Err.double() ** 2 / 2  # (out, b) OBS loss of every weight of the block
+        col_loss[order[i1:i2]] = sq.sum(dim=0)
+        row_loss += sq.sum(dim=1)
         W[:, i2:] -= Err @ U[i1:i2, i2:]
 
     loss = float(col_loss.sum())  # one device sync per call
@@ -195,28 +261,27 @@ def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, 
         scales, zeros = [g.scale for g in grids], [g.zero for g in grids]
     else:
         scales, zeros = dyn_scales, dyn_zeros
-    return _Solved(codes, scales, zeros, perm), GPTQStats(loss, damp, int(dead.sum()), col_loss)
+    return _Solved(codes, scales, zeros, perm), GPTQStats(loss, damp, int(dead.sum()), col_loss, row_loss)
 
 
-def _regroup(solved: _Solved, spec: QuantSpec, group_bits: list[int]) -> MixedQuantizedWeight:
-    """Gather the columns of each width into one part (groups in original order inside a part;
-    the part holding the ragged last group goes last, since a ragged group must end a segment)."""
+def _regroup(solved: _Solved, spec: QuantSpec, group_bits: list[int], cols: list[Tensor]) -> MixedQuantizedWeight:
+    """Gather the columns of each width into one part, groups in order inside a part (``cols``:
+    the original columns of every group); the part holding the ragged last group goes last,
+    since a ragged group must end a segment."""
     in_f = solved.codes.shape[1]
     gw = spec.group_width(in_f)
     last = len(group_bits) - 1
     ragged = in_f % gw != 0
     widths = sorted(set(group_bits), key=lambda b: (ragged and b == group_bits[last], b))
-    parts, cols = [], []
+    parts, order = [], []
     for b in widths:
         gs = [g for g, gb in enumerate(group_bits) if gb == b]
-        dev = solved.codes.device
-        idx = torch.cat([torch.arange(g * gw, min((g + 1) * gw, in_f), device=dev) for g in gs])
-        sub_spec = replace(spec, bits=b)
+        idx = torch.cat([cols[g] for g in gs])
         codes = (solved.codes[:, idx].to(torch.int16) - (1 << (b - 1))).to(torch.int8)  # (out, cols of width b)
-        part = pack_grids(codes, [solved.scales[g] for g in gs], [solved.zeros[g] for g in gs], sub_spec)
+        part = pack_grids(codes, [solved.scales[g] for g in gs], [solved.zeros[g] for g in gs], replace(spec, bits=b))
         parts.append(part)
-        cols.append(idx)
-    return MixedQuantizedWeight(parts, torch.cat(cols), list(group_bits))
+        order.append(idx)
+    return MixedQuantizedWeight(parts, torch.cat(order), list(group_bits))
 
 
 def _static_grids(W: Tensor, spec: QuantSpec, bits: list[int]) -> list[Grid]:

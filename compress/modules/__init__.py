@@ -5,10 +5,10 @@ from compress.modules.kinds import MODULE_KINDS, KindEntry, ModuleKind, SharedTe
 from compress.modules.lowrank import LowRankLinear, SharedBasisLinear
 from compress.modules.lut_linear import LutLinear
 from compress.modules.pruned import PrunedLinear
-from compress.modules.quant_linear import MixedQuantLinear, QuantLinear
+from compress.modules.quant_linear import MixedQuantLinear, QuantLinear, RowMixedQuantLinear
 from compress.modules.sliced import SlicedEmbedding  # registers the slicegpt transform
 from compress.modules.transformed import TransformedInput
 
 __all__ = ["MODULE_KINDS", "KindEntry", "LowRankLinear", "LutLinear", "MixedQuantLinear", "ModuleKind",
-           "PrunedLinear", "QuantLinear", "SharedBasisLinear", "SharedTensors", "SlicedEmbedding", "TransformedInput", "build_module",
+           "PrunedLinear", "QuantLinear", "RowMixedQuantLinear", "SharedBasisLinear", "SharedTensors", "SlicedEmbedding", "TransformedInput", "build_module",
            "register_kind"]

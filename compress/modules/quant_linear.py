@@ -10,6 +10,10 @@ input-column ranges ``[start, stop)``, each a :class:`QuantLinear` of its own wi
 ``<name>.segments.<i>.*``, after an optional stored input permutation (``input_perm``: the
 act-order that made the ranges contiguous). ``y = Σ_s x[..., perm][..., start_s:stop_s] · W_sᵀ + b``,
 each term served by the quant kernels.
+
+:class:`RowMixedQuantLinear` holds several widths across output rows instead (``row_segments``:
+ranges of stacked rows, each a :class:`QuantLinear` over every input, ``output_perm`` the
+original row of each stacked one): ``y[..., output_perm] = cat_s(x · W_sᵀ) (+ b)``.
 """
 
 from __future__ import annotations
@@ -230,6 +234,93 @@ class MixedQuantLinear(nn.Module):
                           observer=self.observer).dump()
 
 
+class RowMixedQuantLinear(nn.Module):
+    """A linear whose output rows are quantised at several widths (BAQ per output-row block).
+
+    Args:
+        segments: ``(start, stop, bits)`` over the *stacked* rows, covering ``[0, out_features)``;
+            each range is a :class:`QuantLinear` of that width reading every input column.
+        output_perm: (a buffer) the original row of every stacked row, so
+            ``y[..., output_perm] = cat_s(x · W_sᵀ)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, segments: list[tuple[int, int, int]],
+                 group_size: int, symmetric: bool, bias: bool, scale_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric = group_size, symmetric
+        self.bounds = [(a, b) for a, b, _ in segments]
+        self.segments = nn.ModuleList(
+            QuantLinear(in_features, b - a, bits, group_size, symmetric, False, scale_dtype, device)
+            for a, b, bits in segments)
+        self.register_buffer("output_perm", torch.arange(out_features, dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.act_order, self.observer = False, "minmax"
+
+    @classmethod
+    def from_quantized(cls, parts: list[tuple[Tensor, QuantizedWeight]], bias: Tensor | None) -> RowMixedQuantLinear:
+        """Pack ``(original rows, their QuantizedWeight)`` per width into one module."""
+        spec = parts[0][1].spec
+        if any((qw.spec.symmetric, qw.spec.group_size) != (spec.symmetric, spec.group_size) for _, qw in parts):
+            raise ValueError("every segment of a mixed-width linear needs the same symmetry and group size")
+        in_f = parts[0][1].codes.shape[1]
+        bounds, start = [], 0
+        for rows, qw in parts:
+            bounds.append((start, start + rows.numel(), qw.spec.bits))
+            start += rows.numel()
+        m = cls(in_f, start, bounds, spec.group_width(in_f), spec.symmetric, bias is not None, parts[0][1].scale.dtype,
+                device=parts[0][1].codes.device)
+        for i, (_, qw) in enumerate(parts):
+            m.segments[i] = QuantLinear.from_quantized(qw, None)
+        m.output_perm = torch.cat([rows for rows, _ in parts]).to(torch.int32)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        m.act_order = parts[0][1].perm is not None
+        m.observer = "mse" if spec.mse else "minmax"
+        return m
+
+    @property
+    def bits(self) -> list[int]:
+        return [seg.bits for seg in self.segments]
+
+    def _unstack(self, y: Tensor) -> Tensor:
+        """Stacked outputs ``[..., out]`` back into the original row order."""
+        inverse = torch.argsort(self.output_perm.long())
+        return y.index_select(-1, inverse)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._unstack(torch.cat([seg(x) for seg in self.segments], dim=-1))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense ``[out, in]`` weight in the original row order."""
+        w = torch.cat([seg.dequantized_weight(dtype) for seg in self.segments], dim=0)  # [N, K] stacked rows
+        out = torch.empty_like(w)
+        out[self.output_perm.long()] = w
+        return out
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Float64 plain torch: each segment's slow unpack, unstacked (``compress validate``)."""
+        x = x.to(torch.float64)
+        y = self._unstack(torch.cat([seg.reference_forward(x) for seg in self.segments], dim=-1))
+        return y if self.bias is None else y + self.bias.to(torch.float64)
+
+    def kernel_path(self, x: Tensor) -> str:
+        return f"{self.segments[0].kernel_path(x)} × {len(self.segments)} row widths"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, row bits={self.bits}"
+
+    def manifest_entry(self) -> dict:
+        segs = [QuantSegment(start=a, stop=b, bits=seg.bits)
+                for seg, (a, b) in zip(self.segments, self.bounds, strict=True)]
+        return QuantEntry(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                          group_size=self.group_size, symmetric=self.symmetric, row_segments=segs,
+                          act_order=self.act_order, observer=self.observer).dump()
+
+
 class QuantSegment(BaseModel):
     """Input columns ``[start, stop)`` (after ``input_perm``) stored at ``bits``."""
 
@@ -255,29 +346,37 @@ class QuantEntry(KindEntry):
     segments: list[QuantSegment] | None = None
     #: the segments read ``x[..., input_perm]`` (a stored int32 permutation)
     permuted: bool = False
+    #: ranges of (stacked) output rows at their widths, ``output_perm`` mapping them back
+    row_segments: list[QuantSegment] | None = None
 
     @model_validator(mode="after")
     def _widths(self) -> QuantEntry:
-        if (self.bits is None) == (self.segments is None):
-            raise ValueError("give exactly one of bits and segments")
-        widths = [self.bits] if self.segments is None else [s.bits for s in self.segments]
-        bad = [b for b in widths if b not in SUPPORTED_BITS]
+        given = [x is not None for x in (self.bits, self.segments, self.row_segments)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of bits, segments and row_segments")
+        bad = [b for _, _, b in self.widths() if b not in SUPPORTED_BITS]
         if bad:
             raise ValueError(f"bits {bad[0]} is not one of {SUPPORTED_BITS}")
         if self.segments is not None:
             _check_segments(self.segments, self.in_features, self.group_size)
         elif self.permuted:
             raise ValueError("permuted applies to segments only")
+        if self.row_segments is not None:
+            _check_segments(self.row_segments, self.out_features, self.out_features + 1)
         return self
 
     def widths(self) -> list[tuple[int, int, int]]:
-        """``(start, stop, bits)`` of every column range (one range for a single width)."""
+        """``(start, stop, bits)`` of every column range (one range for a single width), or of
+        every row range under ``row_segments``."""
+        if self.row_segments is not None:
+            return [(s.start, s.stop, s.bits) for s in self.row_segments]
         if self.segments is None:
             return [(0, self.in_features, int(self.bits))]  # type: ignore[arg-type]
         return [(s.start, s.stop, s.bits) for s in self.segments]
 
     def average_bits(self) -> float:
-        return sum((b - a) * bits for a, b, bits in self.widths()) / self.in_features
+        span = self.out_features if self.row_segments is not None else self.in_features
+        return sum((b - a) * bits for a, b, bits in self.widths()) / span
 
 
 def _check_segments(segments: list[QuantSegment], in_features: int, group_size: int) -> None:
@@ -306,8 +405,11 @@ def _width_bytes(out_f: int, in_f: int, bits: int, group_size: int, symmetric: b
 class QuantKind(ModuleKind[QuantEntry]):
     def build(self, original: nn.Module, entry: QuantEntry, shared: SharedTensors | None) -> nn.Module:
         dtype = original_dtype(original)
-        if entry.segments is not None:
-            m: nn.Module = MixedQuantLinear(entry.in_features, entry.out_features, entry.widths(), entry.group_size,
+        if entry.row_segments is not None:
+            m: nn.Module = RowMixedQuantLinear(entry.in_features, entry.out_features, entry.widths(), entry.group_size,
+                                               entry.symmetric, entry.bias, dtype, device="meta")
+        elif entry.segments is not None:
+            m = MixedQuantLinear(entry.in_features, entry.out_features, entry.widths(), entry.group_size,
                                             entry.symmetric, entry.bias, dtype, device="meta",
                                             permuted=entry.permuted)
         else:
@@ -319,12 +421,16 @@ class QuantKind(ModuleKind[QuantEntry]):
 
     def stored_bytes(self, entry: QuantEntry, dtype: torch.dtype) -> int:
         sb = dtype_bytes(dtype)
-        total = sum(_width_bytes(entry.out_features, b - a, bits, entry.group_size, entry.symmetric, sb,
-                                 entry.packing == "legacy-v1") for a, b, bits in entry.widths())
+        if entry.row_segments is not None:
+            total = sum(_width_bytes(b - a, entry.in_features, bits, entry.group_size, entry.symmetric, sb)
+                        for a, b, bits in entry.widths()) + entry.out_features * 4  # + output_perm
+        else:
+            total = sum(_width_bytes(entry.out_features, b - a, bits, entry.group_size, entry.symmetric, sb,
+                                     entry.packing == "legacy-v1") for a, b, bits in entry.widths())
         total += entry.out_features * sb if entry.bias else 0
         return total + (entry.in_features * 4 if entry.permuted else 0)
 
     def export_refusal(self, entry: QuantEntry) -> str | None:
-        if entry.segments is not None:
+        if entry.segments is not None or entry.row_segments is not None:
             return "mixed bit widths inside one linear have no compressed-tensors format"
         return None

@@ -1,9 +1,9 @@
 """BAQ for the GPTQ pass (``allocate: baq``): the scan, plan and report pieces of loss-driven
 bit allocation (the math is :mod:`compress.algos.baq`).
 
-* **scan** (dense blocks, work store): each fused group's input Gram and GPTQ's per-column OBS
-  losses at the reference width ``bits`` (one GPTQ solve on the dense Hessian, the codes thrown
-  away). Stored under a key of every option that changes those losses, so a second BAQ run on the
+* **scan** (dense blocks, work store): each fused group's input Gram, its act-order permutation
+  and GPTQ's per-column OBS losses at the reference width ``bits`` (one GPTQ solve on the dense
+  Hessian with the grouping the apply uses, the codes thrown away). Stored under a key of every option that changes those losses, so a second BAQ run on the
   same model and data — any budget, any choices — reads them instead of recomputing.
 * **plan**: every group's per-weight sensitivity, the closed-form widths (geometric mean per
   fused group or over the model), projected onto the kernel-legal choices and repaired to the
@@ -21,14 +21,15 @@ them; the realised average is repaired to the budget instead of drifting.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import Tensor
 
 from compress.algos import baq
-from compress.algos.gptq import gptq_quantize
+from compress.algos.gptq import act_order_perm, gptq_quantize_mixed
 from compress.errors import CompressError
 
 if TYPE_CHECKING:
@@ -40,19 +41,47 @@ if TYPE_CHECKING:
 
 
 class UnitPlan(BaseModel):
-    """One fused group of one block: its linears and the width of each column group."""
+    """One fused group of one block: its linears and the width of each column group — or, under
+    ``granularity: rows``, of each block of ``row_block`` output rows (blocks cut per sibling)."""
 
     layer: int
     names: list[str]
     rows: int
     in_features: int
     group_width: int
-    group_bits: list[int]
+    group_bits: list[int] = Field(default_factory=list)
+    sizes: list[int] = Field(default_factory=list)  # rows of every sibling (stacked in this order)
+    row_block: int | None = None
+    row_bits: list[int] | None = None
     predicted_loss: float
 
+    def row_widths(self) -> list[int]:
+        """The width of every stacked row (``granularity: rows``)."""
+        assert self.row_bits is not None and self.row_block is not None
+        out, k = [], 0
+        for size in self.sizes:
+            for a in range(0, size, self.row_block):
+                out += [self.row_bits[k]] * (min(a + self.row_block, size) - a)
+                k += 1
+        return out
+
     def average_bits(self) -> float:
+        if self.row_bits is not None:
+            return sum(self.row_widths()) / self.rows
         cols = [min(self.group_width, self.in_features - g * self.group_width) for g in range(len(self.group_bits))]
         return sum(c * b for c, b in zip(cols, self.group_bits, strict=True)) / self.in_features
+
+    def histogram(self) -> str:
+        """Columns (or rows) stored at each width, narrowest first
+        (``"3b:448 4b:128"``; under row blocks ``"2b:64r 3b:512r"``)."""
+        hist: dict[int, int] = {}
+        if self.row_bits is not None:
+            for b in self.row_widths():
+                hist[b] = hist.get(b, 0) + 1
+            return " ".join(f"{b}b:{n}r" for b, n in sorted(hist.items()))
+        for g, b in enumerate(self.group_bits):
+            hist[b] = hist.get(b, 0) + min(self.group_width, self.in_features - g * self.group_width)
+        return " ".join(f"{b}b:{n}" for b, n in sorted(hist.items()))
 
 
 class BAQPlan(BaseModel):
@@ -90,21 +119,42 @@ def scan_losses(ctx: LayerContext, groups: list[list[str]], config: GPTQConfig) 
         first = names[0]
         H = grams[group_first(ctx.adapter, first)]
         W = torch.cat([ctx.module(n).weight.detach() for n in names], dim=0)  # (Σ out, in) siblings by rows
-        with single_thread():
-            _, stats = gptq_quantize(W, H, config.spec(W.dtype), block_size=config.block_size,
-                                     percdamp=config.damp, act_order=config.act_order,
-                                     static_groups=config.static_groups)
+        spec = config.spec(W.dtype)
+        perm = act_order_perm(H) if config.act_order else torch.arange(W.shape[1], device=W.device)
+        n_groups = 1 if spec.per_channel(W.shape[1]) else spec.n_groups(W.shape[1])
+        with single_thread():  # the grouping the apply will use, every group at the reference width
+            _, stats = gptq_quantize_mixed(W, H, spec, [config.bits] * n_groups, block_size=config.block_size,
+                                           percdamp=config.damp, act_order=config.act_order,
+                                           static_groups=config.static_groups, perm=perm)
         out[group_first(ctx.adapter, first)] = H  # what a ``propagate: dense`` apply reads
         out[f"{first}.column_loss"] = stats.column_loss  # type: ignore[assignment]
         out[f"{first}.shape"] = torch.tensor([W.shape[0], W.shape[1]], dtype=torch.int64, device=W.device)
+        out[f"{first}.perm"] = perm.to(torch.int64)  # the processing order the groups are cut from
+        out[f"{first}.row_loss"] = stats.row_loss  # type: ignore[assignment]
+        out[f"{first}.sizes"] = torch.tensor([ctx.module(n).weight.shape[0] for n in names], dtype=torch.int64,
+                                             device=W.device)
+        Wd = W.to(torch.float64)
+        out[f"{first}.energy"] = ((Wd @ H.to(torch.float64)) * Wd).sum().reshape(1)  # ‖X Wᵀ‖² / samples
     return out
 
 
-Unit = tuple[int, list[str], Tensor, int, int]
+@dataclass
+class _Unit:
+    """One scanned fused group: losses in the order its column groups are cut from (the act-order
+    permutation unless ``static_groups``), divided by ``scale`` (its dense output energy under
+    ``model-relative``, else 1)."""
+
+    layer: int
+    names: list[str]
+    rows: int
+    in_f: int
+    sizes: list[int]
+    column_loss: Tensor
+    row_loss: Tensor
+    scale: float
 
 
-def _units(stats: BlockStats, groups_of: dict[str, list[str]], config: GPTQConfig) -> list[Unit]:
-    """``(layer, names, column_loss, rows, in)`` of every scanned fused group."""
+def _units(stats: BlockStats, groups_of: dict[str, list[str]], config: GPTQConfig) -> list[_Unit]:
     units = []
     for i in range(stats.n_blocks):
         block = stats.block(i)
@@ -113,56 +163,69 @@ def _units(stats: BlockStats, groups_of: dict[str, list[str]], config: GPTQConfi
         for key in sorted(k for k in block if k.endswith(".column_loss")):
             first = key[: -len(".column_loss")]
             rows, in_f = (int(v) for v in block[f"{first}.shape"].tolist())
-            units.append((i, groups_of.get(first, [first]), block[key].cpu(), rows, in_f))
+            loss = block[key].cpu()
+            if not config.static_groups:  # groups are consecutive columns of the processing order
+                loss = loss[block[f"{first}.perm"].cpu().long()]
+            scale = 1.0
+            if config.scope == "model-relative":
+                scale = float(block[f"{first}.energy"].clamp_min(1e-30))
+            units.append(_Unit(i, groups_of.get(first, [first]), rows, in_f, block[f"{first}.sizes"].tolist(),
+                               loss / scale, block[f"{first}.row_loss"].cpu() / scale, scale))
     return units
+
+
+def _cells(u: _Unit, config: GPTQConfig) -> tuple[Tensor, Tensor, int]:
+    """Per-weight sensitivity and weight count of every unit of allocation of ``u`` (column groups,
+    row blocks, or the whole group), and the column-group width."""
+    theta, ref = config.theta, config.bits
+    gw = u.in_f if config.group_size is None else min(int(config.group_size), u.in_f)
+    if config.granularity == "rows":
+        c, rows = baq.row_block_sensitivity(u.row_loss, u.in_f, u.sizes, config.row_block, ref, theta)
+        return c, rows * u.in_f, gw
+    c = baq.group_sensitivity(u.column_loss, u.rows, gw, ref, theta)  # (G,)
+    cols = torch.tensor([min(gw, u.in_f - g * gw) for g in range(c.numel())], dtype=torch.float64, device=c.device)
+    n = cols * u.rows
+    if config.granularity == "layer":  # one width for the whole fused group
+        return (c * n).sum(dim=0, keepdim=True) / n.sum(), n.sum(dim=0, keepdim=True), gw
+    return c, n, gw
 
 
 def make_plan(stats: BlockStats, groups_of: dict[str, list[str]], config: GPTQConfig) -> BAQPlan:
     """Sensitivities of every group → closed-form widths → choices → budget (see the module doc)."""
-    theta, ref = config.theta, config.bits
-    budget = config.budget()
+    theta, budget = config.theta, config.budget()
     choices = tuple(sorted(config.bit_choices))
-    cs, ns, scopes, spans = [], [], [], []
     units = _units(stats, groups_of, config)
-    for u, (_, _, loss, rows, in_f) in enumerate(units):
-        gw = in_f if config.group_size is None else min(int(config.group_size), in_f)
-        c = baq.group_sensitivity(loss, rows, gw, ref, theta)  # (G,)
-        cols = torch.tensor([min(gw, in_f - g * gw) for g in range(c.numel())], dtype=torch.float64, device=c.device)
-        n = cols * rows
-        if config.granularity == "layer":  # one width for the whole fused group
-            c, n = (c * n).sum(dim=0, keepdim=True) / n.sum(), n.sum(dim=0, keepdim=True)
-        spans.append((len(torch.cat(cs)) if cs else 0, c.numel(), gw))
-        cs.append(c)
-        ns.append(n)
-        scopes.append(torch.full((c.numel(),), u, device=c.device))
-    c_all, n_all = torch.cat(cs), torch.cat(ns)
+    cells = [_cells(u, config) for u in units]
+    c_all = torch.cat([c for c, _, _ in cells])
+    n_all = torch.cat([n for _, n, _ in cells])
+    scopes = torch.cat([torch.full((c.numel(),), k, device=c.device) for k, (c, _, _) in enumerate(cells)])
     try:
         alloc = baq.allocate(c_all, n_all, budget, choices, theta=theta,
-                             scopes=torch.cat(scopes) if config.scope == "layer" else None)
+                             scopes=scopes if config.scope == "layer" else None)
     except ValueError as e:
         raise CompressError(f"--average-bits {budget:g}: {e}",
                             "choose a budget inside --bit-choices, or a finer --granularity") from None
-    plans = []
-    for (layer, names, _, rows, in_f), (start, count, gw), c, n in zip(units, spans, cs, ns, strict=True):
-        bits = alloc.bits[start:start + count]
-        n_groups = -(-in_f // gw)
-        group_bits = [int(bits[0])] * n_groups if count == 1 and n_groups > 1 else [int(b) for b in bits]
-        plans.append(UnitPlan(layer=layer, names=names, rows=rows, in_features=in_f, group_width=gw,
-                              group_bits=group_bits, predicted_loss=float(baq.predicted_loss(c, n, bits, theta).sum())))
-    uniform = None
-    if budget in choices:
-        uniform = float(baq.predicted_loss(c_all, n_all, torch.full_like(c_all, budget), theta).sum())
-    return BAQPlan(budget=budget, realized=alloc.realized, choices=list(choices), reference_bits=ref, theta=theta,
-                   granularity=config.granularity, scope=config.scope, repair_moves=alloc.moves,
-                   predicted_loss=alloc.predicted, uniform_predicted_loss=uniform, units=plans)
-
-
-def width_histogram(group_bits: list[int], in_features: int, group_width: int) -> str:
-    """Input columns stored at each width, narrowest first (``"3b:448 4b:128"``)."""
-    hist: dict[int, int] = {}
-    for g, b in enumerate(group_bits):
-        hist[b] = hist.get(b, 0) + min(group_width, in_features - g * group_width)
-    return " ".join(f"{b}b:{n}" for b, n in sorted(hist.items()))
+    plans, start = [], 0
+    uniform = 0.0 if budget in choices else None
+    predicted = 0.0
+    for u, (c, n, gw) in zip(units, cells, strict=True):
+        bits = alloc.bits[start:start + c.numel()]
+        start += c.numel()
+        loss = float(baq.predicted_loss(c, n, bits, theta).sum()) * u.scale  # in GPTQ's own (raw) units
+        predicted += loss
+        if uniform is not None:
+            uniform += float(baq.predicted_loss(c, n, torch.full_like(c, budget), theta).sum()) * u.scale
+        widths = [int(b) for b in bits]
+        plan = UnitPlan(layer=u.layer, names=u.names, rows=u.rows, in_features=u.in_f, group_width=gw,
+                        sizes=u.sizes, predicted_loss=loss)
+        if config.granularity == "rows":
+            plan.row_block, plan.row_bits = config.row_block, widths
+        else:
+            plan.group_bits = widths * (-(-u.in_f // gw)) if config.granularity == "layer" else widths
+        plans.append(plan)
+    return BAQPlan(budget=budget, realized=alloc.realized, choices=list(choices), reference_bits=config.bits,
+                   theta=theta, granularity=config.granularity, scope=config.scope, repair_moves=alloc.moves,
+                   predicted_loss=predicted, uniform_predicted_loss=uniform, units=plans)
 
 
 def log_correlation(predicted: list[float], measured: list[float]) -> float | None:
@@ -196,5 +259,5 @@ def bits_figure(plan: BAQPlan, title: str, measured: dict[tuple[int, str], float
     return fig
 
 
-Granularity = Literal["group", "layer"]
-Scope = Literal["layer", "model"]
+Granularity = Literal["group", "rows", "layer"]
+Scope = Literal["layer", "model", "model-relative"]

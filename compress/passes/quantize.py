@@ -12,11 +12,12 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from compress.algos import baq as baq_algos
-from compress.algos.gptq import MixedQuantizedWeight, gptq_quantize, gptq_quantize_mixed, relative_output_error
+from compress.algos.gptq import (MixedQuantizedWeight, gptq_quantize, gptq_quantize_mixed, gptq_quantize_rows,
+                                 relative_output_error)
 from compress.algos.quant import QuantizedWeight, QuantSpec, rtn_quantize, split_rows
 from compress.calib.pipeline import LayerContext
 from compress.calib.staged import run_staged, supports_staged
-from compress.modules.quant_linear import MixedQuantLinear, QuantLinear
+from compress.modules.quant_linear import MixedQuantLinear, QuantLinear, RowMixedQuantLinear
 from compress.passes import baq as baq_pass
 from compress.pipeline.memory import MemoryShape
 from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
@@ -134,9 +135,12 @@ class GPTQConfig(QuantConfig):
     theta: float = Field(baq_algos.THETA, gt=0.5, le=4.0, description=(
         "BAQ's rate-loss exponent: loss ∝ 2^(-theta·bits) (the paper's 1.95)"))
     granularity: baq_pass.Granularity = Field("group", description=(
-        "what BAQ gives one width: group (each --group-size columns) or layer (each fused linear group)"))
+        "what BAQ gives one width: group (each --group-size columns), rows (each --row-block output rows) "
+        "or layer (each fused linear group)"))
+    row_block: int = Field(64, ge=1, le=65536, description="output rows per BAQ width under --granularity rows")
     scope: baq_pass.Scope = Field("layer", description=(
-        "where BAQ's closed form balances losses: layer (each fused group averages the budget, the paper) or model"))
+        "where BAQ's closed form balances losses: layer (each fused group averages the budget, the paper), "
+        "model (raw losses across layers) or model-relative (each group's losses relative to its output energy)"))
 
     @field_validator("bit_choices", mode="before")
     @classmethod
@@ -314,7 +318,7 @@ class GPTQPass(_QuantPass):
     def statistic(self) -> Statistic | None:
         c = self.config
         if c.allocate == "baq":
-            return Statistic("baq-losses", 1, {
+            return Statistic("baq-losses", 4, {
                 "dtype": c.hessian_dtype, "bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric,
                 "mse": c.mse, "damp": c.damp, "block_size": c.block_size, "act_order": c.act_order,
                 "static_groups": c.static_groups, "targets": c.targets, "ignore": c.ignore})
@@ -388,7 +392,8 @@ class GPTQPass(_QuantPass):
         W = torch.cat(weights, dim=0)  # (sum of out, in): siblings stacked by rows
         c = self.config
         unit = self._plan.unit(ctx.index, names[0]) if getattr(self, "_plan", None) is not None else None
-        widths = None if unit is None else unit.group_bits
+        rows = unit is not None and unit.row_bits is not None
+        widths = None if unit is None else (unit.row_widths() if rows else unit.group_bits)
         spec = c.spec(W.dtype)
         if widths is not None and len(set(widths)) == 1:  # one width: exactly GPTQ at that width
             spec, widths = QuantSpec(widths[0], spec.group_size, spec.symmetric, spec.mse, spec.scale_dtype), None
@@ -397,23 +402,30 @@ class GPTQPass(_QuantPass):
         with single_thread():
             if widths is None:
                 qw, stats = gptq_quantize(W, H, spec, **opts)
-            else:
-                mixed, stats = gptq_quantize_mixed(W, H, spec, widths, **opts)
+            elif rows:
+                row_parts, stats = gptq_quantize_rows(W, H, spec, widths, **opts)
+            else:  # the groups were planned on the scan's act-order permutation: cut them the same way
+                perm = (ctx.stats or {}).get(f"{names[0]}.perm")
+                mixed, stats = gptq_quantize_mixed(W, H, spec, widths, perm=None if perm is None else perm.long(),
+                                                   **opts)
         dt = (time.perf_counter() - t0) / len(names)
         sizes = [w.shape[0] for w in weights]
         records = []
         if widths is None:
             for name, part in zip(names, split_rows(qw, sizes), strict=True):
                 records.append(_install(ctx, name, part, self.name, dt, H))
+        elif rows:
+            for name, parts in zip(names, _split_row_parts(row_parts, sizes), strict=True):
+                records.append(_install_module(ctx, name, _row_module(parts, ctx.module(name).bias), self.name, dt, H))
         else:
             for name, parts in zip(names, _split_mixed(mixed, sizes), strict=True):
-                records.append(_install_mixed(ctx, name, parts, mixed.perm, self.name, dt, H))
+                module = MixedQuantLinear.from_quantized(parts, ctx.module(name).bias, mixed.perm)
+                records.append(_install_module(ctx, name, module, self.name, dt, H))
         for rec in records:
             rec.extra.update({"damp": stats.damp, "dead_inputs": stats.dead_inputs})
             if unit is not None:
-                rec.extra.update({"widths": baq_pass.width_histogram(unit.group_bits, unit.in_features,
-                                                                     unit.group_width),
-                                  "predicted_loss": unit.predicted_loss, "measured_loss": stats.loss})
+                rec.extra.update({"widths": unit.histogram(), "predicted_loss": unit.predicted_loss,
+                                  "measured_loss": stats.loss})
         return records
 
 
@@ -423,15 +435,37 @@ def _split_mixed(mixed: MixedQuantizedWeight, sizes: list[int]) -> list[list[Qua
     return [[pp[i] for pp in per_part] for i in range(len(sizes))]
 
 
-def _install_mixed(ctx: LayerContext, name: str, parts: list[QuantizedWeight], perm: Tensor, stage: str,
-                   t: float, H: Tensor | None) -> LayerRecord:
-    """Swap the dense linear ``name`` for a MixedQuantLinear (one packed range per width)."""
-    dense = ctx.module(name)
-    W = dense.weight.detach()
-    qlin = MixedQuantLinear.from_quantized(parts, dense.bias, perm)
+def _split_row_parts(parts: list[tuple[Tensor, QuantizedWeight]],
+                     sizes: list[int]) -> list[list[tuple[Tensor, QuantizedWeight]]]:
+    """Per sibling (rows ``[o, o + size)`` of the stacked call), its rows of every width, local."""
+    out, start = [], 0
+    for size in sizes:
+        mine = []
+        for rows, qw in parts:
+            keep = (rows >= start) & (rows < start + size)
+            if bool(keep.any()):
+                zero = None if qw.zero is None else qw.zero[keep]
+                mine.append((rows[keep] - start, QuantizedWeight(qw.codes[keep], qw.scale[keep], zero, qw.spec, qw.perm)))
+        out.append(mine)
+        start += size
+    return out
+
+
+def _row_module(parts: list[tuple[Tensor, QuantizedWeight]], bias: Tensor | None) -> nn.Module:
+    """A sibling's rows: one QuantLinear when they share one width (rows already in order), else
+    a RowMixedQuantLinear."""
+    if len(parts) == 1:
+        return QuantLinear.from_quantized(parts[0][1], bias)
+    return RowMixedQuantLinear.from_quantized(parts, bias)
+
+
+def _install_module(ctx: LayerContext, name: str, qlin: nn.Module, stage: str, t: float,
+                    H: Tensor | None) -> LayerRecord:
+    """Swap the dense linear ``name`` for an already built quantised module (several widths)."""
+    W = ctx.module(name).weight.detach()
     ctx.replace(name, qlin)
     nbytes = sum(b.numel() * b.element_size() for k, b in qlin.state_dict().items() if not k.endswith("bias"))
-    deq = qlin.dequantized_weight(torch.float32)
+    deq = qlin.dequantized_weight(torch.float32)  # type: ignore[operator]
     err = None if H is None else relative_output_error(W.float(), deq, H)
     werr = float(((W.float() - deq) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
     return LayerRecord(stage=stage, layer=ctx.index, module=ctx.prefix + name, kind="quant",

@@ -63,7 +63,7 @@ def test_equal_sensitivities_give_gptq_bit_for_bit(tiny_llama: Path, tmp_path: P
 
 
 def test_fractional_budget_is_met_with_mixed_layers_that_serve(tiny_llama: Path, tmp_path: Path) -> None:
-    out = _run(tiny_llama, tmp_path / "b25", bits=3, allocate="baq", average_bits=2.5, scope="model")
+    out = _run(tiny_llama, tmp_path / "b25", bits=3, allocate="baq", average_bits=2.5, scope="model-relative")
     plan = json.loads((out / "plan.json").read_text())
     assert abs(plan["realized"] - 2.5) <= 0.01 and abs(_average_bits(out) - plan["realized"]) < 1e-9
     model = compress.load(out)
@@ -83,6 +83,47 @@ def test_fractional_budget_is_met_with_mixed_layers_that_serve(tiny_llama: Path,
                if r["kind"] == "quant")
     export = json.loads((out / "compression.json").read_text())["export"]
     assert "mixed bit widths" in json.dumps(export)
+
+
+def test_ragged_groups_and_an_opt_model(tmp_path: Path) -> None:
+    """Group size 40 leaves ragged last groups (64 = 40 + 24, 96 = 2·40 + 16); OPT has biases; a
+    small theta spreads the widths inside every layer."""
+    from tests.conftest import make_opt
+
+    src = make_opt(tmp_path / "opt", seed=2)
+    out = _run(src, tmp_path / "b", bits=3, allocate="baq", average_bits=3.4, group_size=40, theta=0.6)
+    plan = json.loads((out / "plan.json").read_text())
+    assert abs(plan["realized"] - 3.4) <= 0.01 and abs(_average_bits(out) - plan["realized"]) < 1e-9
+    model = compress.load(out)
+    mixed = [m for m in model.modules() if isinstance(m, MixedQuantLinear)]
+    assert mixed and all(m.bias is not None for m in mixed)
+    for m in mixed:
+        x = torch.randn(3, m.in_features)
+        with torch.no_grad():
+            assert torch.allclose(m(x).double(), m.reference_forward(x), atol=1e-4)
+    assert validate(out).ok
+
+
+def test_row_blocks_get_their_own_widths(tiny_llama: Path, tmp_path: Path) -> None:
+    """``granularity: rows``: blocks of 16 output rows (cut per sibling) at their widths."""
+    from compress.modules import RowMixedQuantLinear
+
+    out = _run(tiny_llama, tmp_path / "rows", bits=3, allocate="baq", average_bits=2.75, granularity="rows",
+               row_block=16, theta=0.6)
+    plan = json.loads((out / "plan.json").read_text())
+    assert abs(plan["realized"] - 2.75) <= 0.01 and abs(_average_bits(out) - plan["realized"]) < 1e-9
+    assert all(u["row_bits"] and not u["group_bits"] for u in plan["units"])
+    model = compress.load(out)
+    rowmixed = [m for m in model.modules() if isinstance(m, RowMixedQuantLinear)]
+    assert rowmixed
+    for m in rowmixed:
+        x = torch.randn(3, m.in_features)
+        with torch.no_grad():
+            assert torch.allclose(m(x).double(), m.reference_forward(x), atol=1e-4)
+    assert validate(out).ok
+    rows = json.loads((out / "reports" / "report.json").read_text())
+    rows = rows["layers"] if isinstance(rows, dict) else rows
+    assert any(r["extra"].get("widths", "").endswith("r") for r in rows)
 
 
 def test_budget_eight_is_within_int8_error_of_dense(tiny_llama: Path, tmp_path: Path) -> None:

@@ -100,13 +100,15 @@ def test_group_sensitivity_means_each_group_and_the_ragged_last_one() -> None:
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("in_f,gs", [(96, 32), (100, 32)])
 def test_one_width_everywhere_is_plain_gptq(act_order: bool, symmetric: bool, in_f: int, gs: int) -> None:
+    """Groups of original columns (no act-order, or static groups): exactly GPTQ's codes."""
     g = torch.Generator().manual_seed(in_f)
     W = torch.randn(24, in_f, generator=g)
     X = torch.randn(400, in_f, generator=g, dtype=torch.float64)
     H = X.T @ X / 400
     spec = QuantSpec(3, gs, symmetric, mse=True)
     qw, st = gptq_quantize(W, H, spec, act_order=act_order, block_size=64)
-    mixed, st2 = gptq_quantize_mixed(W, H, spec, [3] * spec.n_groups(in_f), act_order=act_order, block_size=64)
+    mixed, st2 = gptq_quantize_mixed(W, H, spec, [3] * spec.n_groups(in_f), act_order=act_order, block_size=64,
+                                     static_groups=act_order)
     assert len(mixed.parts) == 1
     assert torch.equal(mixed.dequantize(), qw.dequantize())
     assert torch.equal(st.column_loss, st2.column_loss)
@@ -160,3 +162,34 @@ def test_knapsack_is_exact_and_rescues_coarse_groups() -> None:
     n = torch.tensor([4096.0, 4096.0, 4096.0, 1024.0], dtype=torch.float64)
     alloc = baq.allocate(c, n, 3.0, (2, 3, 4))
     assert 2.99 <= alloc.realized <= 3.0
+
+
+def test_act_order_groups_are_cut_from_the_processing_order() -> None:
+    """Under act-order (dynamic groups) group g holds the columns ranked g·gs..(g+1)·gs by Hessian
+    diagonal; the stored permutation lists them, so the 8-bit group is the most sensitive one."""
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(16, 96, generator=g)
+    scale = torch.rand(96, generator=g, dtype=torch.float64) * 4 + 0.1
+    X = torch.randn(400, 96, generator=g, dtype=torch.float64) * scale
+    H = X.T @ X / 400
+    order = torch.argsort(torch.diagonal(H), descending=True)
+    mixed, _ = gptq_quantize_mixed(W, H, QuantSpec(4, 32), [8, 3, 2], act_order=True)
+    assert [p.spec.bits for p in mixed.parts] == [2, 3, 8]
+    assert set(mixed.perm[64:].tolist()) == set(order[:32].tolist())  # the 8-bit range: the top 32
+    lin = MixedQuantLinear.from_quantized(mixed.parts, None, mixed.perm)
+    assert torch.allclose(lin.dequantized_weight(torch.float32), mixed.dequantize(), atol=1e-6)
+    fixed, _ = gptq_quantize_mixed(W, H, QuantSpec(4, 32), [8, 3, 2], act_order=True, perm=order.flip(0))
+    assert set(fixed.perm[64:].tolist()) == set(order[-32:].tolist())  # a given order is used as is
+
+
+def test_scoped_repair_weighs_every_scope_alike() -> None:
+    """Scopes whose losses differ by orders of magnitude (layers) each keep about the budget: the
+    repair after rounding compares losses relative to each scope's own level, not raw ones."""
+    g = torch.Generator().manual_seed(2)
+    c = torch.exp(0.6 * torch.randn(400, generator=g, dtype=torch.float64))
+    c = c * 10.0 ** (torch.arange(400) // 40).to(torch.float64)  # ten scopes, 10^0 .. 10^9
+    n = torch.full((400,), 64.0 * 576, dtype=torch.float64)
+    scopes = torch.arange(400) // 40
+    alloc = baq.allocate(c, n, 3.0, CHOICES, scopes=scopes)
+    per_scope = alloc.bits.to(torch.float64).view(10, 40).mean(dim=1)
+    assert float((per_scope - 3.0).abs().max()) <= 0.15, per_scope  # rounding inside a scope: ±0.025 a group

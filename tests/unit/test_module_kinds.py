@@ -38,7 +38,10 @@ def test_every_builtin_kind_is_registered_with_a_strict_entry() -> None:
     ({"kind": "quant", "in_features": 8, "out_features": 4, "bits": 5, "group_size": 8, "symmetric": True},
      "bits 5 is not one of"),
     ({"kind": "quant", "in_features": 8, "out_features": 4, "group_size": 8, "symmetric": True},
-     "exactly one of bits and segments"),
+     "exactly one of bits, segments and row_segments"),
+    ({"kind": "quant", "in_features": 8, "out_features": 6, "group_size": 8, "symmetric": True,
+      "row_segments": [{"start": 0, "stop": 2, "bits": 4}, {"start": 3, "stop": 6, "bits": 2}]},
+     "[3, 6) does not start at 2"),
     ({"kind": "quant", "in_features": 64, "out_features": 4, "group_size": 16, "symmetric": True,
       "segments": [{"start": 0, "stop": 24, "bits": 4}, {"start": 24, "stop": 64, "bits": 3}]},
      "segment start 24 is not a multiple of group_size 16"),
@@ -118,6 +121,33 @@ def test_mixed_widths_sum_their_segments_in_the_original_column_order() -> None:
     assert m.kernel_path(x.float()).endswith("× 3 widths")
     entry = parse_entry("m", m.manifest_entry())
     assert entry.average_bits() == pytest.approx((32 * 4 + 16 * 2 + 32 * 8) / 80)
+
+
+def test_row_widths_unstack_to_the_original_rows_and_rebuild_from_their_entry() -> None:
+    from compress.algos.gptq import gptq_quantize_rows
+    from compress.modules import RowMixedQuantLinear
+    from compress.modules.kinds import build_module, entry_bytes
+
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(37, 75, generator=g)  # odd rows, ragged groups of 32
+    X = torch.randn(200, 75, generator=g, dtype=torch.float64)
+    H = X.T @ X / 200
+    row_bits = [(2, 8, 3, 4)[i % 4] for i in range(37)]
+    parts, stats = gptq_quantize_rows(W, H, QuantSpec(4, 32, symmetric=False), row_bits, act_order=True)
+    assert [qw.spec.bits for _, qw in parts] == [2, 3, 4, 8] and stats.row_loss.shape == (37,)
+    m = RowMixedQuantLinear.from_quantized(parts, torch.randn(37, generator=g))
+    deq = m.dequantized_weight(torch.float32)
+    for rows, qw in parts:  # every row is the GPTQ solve of its width, in its original place
+        assert torch.equal(deq[rows], qw.dequantize())
+    x = torch.randn(5, 75, dtype=torch.float64)
+    want = x @ deq.double().T + m.bias.double()
+    assert torch.allclose(m.reference_forward(x), want, atol=1e-5)
+    assert torch.allclose(m(x.float()).double(), want, atol=1e-4)
+    entry = parse_entry("m", m.manifest_entry())
+    assert entry.average_bits() == pytest.approx(sum(row_bits) / 37)
+    assert entry_bytes(entry) == _stored(m)
+    built = build_module(torch.nn.Linear(75, 37, bias=True), m.manifest_entry())
+    assert type(built).__name__ == "RowMixedQuantLinear" and built.bits == m.bits
 
 
 def test_mixed_segments_share_symmetry_and_group_size() -> None:
