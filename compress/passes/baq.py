@@ -1,16 +1,19 @@
 """BAQ for the GPTQ pass (``allocate: baq``): the scan, plan and report pieces of loss-driven
 bit allocation (the math is :mod:`compress.algos.baq`).
 
-* **scan** (dense blocks, work store): each fused group's input Gram, its act-order permutation
-  and GPTQ's per-column OBS losses at the reference width ``bits`` (one GPTQ solve on the dense
-  Hessian with the grouping the apply uses, the codes thrown away). Stored under a key of every option that changes those losses, so a second BAQ run on the
-  same model and data — any budget, any choices — reads them instead of recomputing.
-* **plan**: every group's per-weight sensitivity, the closed-form widths (geometric mean per
-  fused group or over the model), projected onto the kernel-legal choices and repaired to the
-  budget over *all* quantised weights; ``plan.json`` lists the widths of every group.
+* **scan** (dense blocks, work store): each fused group's input Gram, its act-order permutation,
+  its dense output energy and GPTQ's per-column and per-row OBS losses at the reference width
+  ``bits`` (one GPTQ solve on the dense Hessian with the grouping the apply uses, the codes
+  thrown away). Stored under a key of every option that changes those losses, so a second BAQ
+  run on the same model and data — any budget, choices, scope or granularity — reads them.
+* **plan**: every unit's per-weight sensitivity (a column group, a block of output rows, or a
+  whole fused group), the closed-form widths (geometric mean per fused group or over the model),
+  projected onto the kernel-legal choices and repaired to the budget over *all* quantised
+  weights; ``plan.json`` lists every unit's width.
 * **apply**: the ordinary GPTQ stream (true-sequential, quantised propagation by default) with
-  each group solved at its planned width; a linear with several widths becomes a
-  :class:`~compress.modules.quant_linear.MixedQuantLinear` (one packed range per width).
+  each group solved at its planned widths; a linear with several widths becomes a
+  :class:`~compress.modules.quant_linear.MixedQuantLinear` (one packed column range per width)
+  or, for row blocks, a :class:`~compress.modules.quant_linear.RowMixedQuantLinear`.
 
 Where this differs from the reference code (``opt_baq.py``): the losses come from the dense
 model's Hessians in one scan instead of a full quantised GPTQ pass; widths are chosen per group

@@ -445,7 +445,8 @@ def _split_row_parts(parts: list[tuple[Tensor, QuantizedWeight]],
             keep = (rows >= start) & (rows < start + size)
             if bool(keep.any()):
                 zero = None if qw.zero is None else qw.zero[keep]
-                mine.append((rows[keep] - start, QuantizedWeight(qw.codes[keep], qw.scale[keep], zero, qw.spec, qw.perm)))
+                part = QuantizedWeight(qw.codes[keep], qw.scale[keep], zero, qw.spec, qw.perm)
+                mine.append((rows[keep] - start, part))
         out.append(mine)
         start += size
     return out
