@@ -6,7 +6,9 @@ Rows (every command through the CLI, every output scored by ``compress.load``):
 * ``baq-3.0``, ``baq-2.5``, ``baq-4.0`` — ``--allocate baq`` at that average (widths 2/3/4/8 per
   group of 64 columns); 3.0 and 2.5 share the scan at the reference width 3 (the second reads it
   from the work store), 4.0 scans at 4;
-* ``baq-3.0-<scope>`` — the other closed-form scope at 3.0 (the default scope is the row above).
+* ``baq-3.0-rows`` — one width per block of 64 output rows instead of per column group;
+* ``baq-3.0-model-relative`` — the closed form across layers on losses relative to each group's
+  output energy (the default balances inside each fused group, as the paper).
 
 ``kernel_split``: CPU latency of a mixed-width linear (a sum of per-width matmuls) against one
 width at the same shape. Per row: PPL, KL and top-1 agreement to the dense model on the brown-512 evaluation windows,
@@ -43,12 +45,12 @@ BUDGET_TOLERANCE = 0.01
 W3_TARGET = 0.85  # BAQ-3.0 PPL ≤ 0.85 × uniform W3's
 BYTES_TOLERANCE = 0.01  # ... at bytes within 1 % of uniform W3's
 DEFAULT_SCOPE = GPTQConfig.model_fields["scope"].default
-OTHER_SCOPE = "model" if DEFAULT_SCOPE == "layer" else "layer"
 ROWS = {  # name → `compress quantize` options after the model
     "gptq-w3": ["--bits", "3"],
     "baq-3.0": ["--bits", "3", "--allocate", "baq"],
     "baq-2.5": ["--bits", "3", "--allocate", "baq", "--average-bits", "2.5"],
-    f"baq-3.0-{OTHER_SCOPE}": ["--bits", "3", "--allocate", "baq", "--scope", OTHER_SCOPE],
+    "baq-3.0-rows": ["--bits", "3", "--allocate", "baq", "--granularity", "rows"],
+    "baq-3.0-model-relative": ["--bits", "3", "--allocate", "baq", "--scope", "model-relative"],
     "gptq-w2": ["--bits", "2"],
     "gptq-w4": ["--bits", "4"],
     "baq-4.0": ["--bits", "4", "--allocate", "baq"],

@@ -56,6 +56,21 @@ def describe(model: str) -> Table:
     return t
 
 
+def _quant_widths(modules: dict[str, dict]) -> Counter[int]:
+    """Weights of every ``quant`` entry per code width (column or row ranges of mixed entries)."""
+    from compress.modules.kinds import parse_entry
+
+    widths: Counter[int] = Counter()
+    for name, e in modules.items():
+        if e.get("kind") != "quant":
+            continue
+        entry = parse_entry(name, e)
+        other = entry.in_features if entry.row_segments is not None else entry.out_features
+        for a, b, bits in entry.widths():
+            widths[bits] += (b - a) * other
+    return widths
+
+
 def _kind_rows(reader: CheckpointReader, manifest: dict) -> list[tuple[str, str]]:
     """Bytes per module kind (each kind's own accounting) and the shared groups, if any."""
     from compress.model import config_dtype, load_config
@@ -70,6 +85,12 @@ def _kind_rows(reader: CheckpointReader, manifest: dict) -> list[tuple[str, str]
         entry = parse_entry(name, e)
         per_kind[entry.kind] += entry_bytes(entry, dtype)
     rows = [("bytes by kind", ", ".join(f"{k}: {human_bytes(v)}" for k, v in per_kind.items()))]
+    widths = _quant_widths(modules)
+    if len(widths) > 1:  # a bit allocation (BAQ): what share of the quantised weights each width holds
+        total = sum(widths.values())
+        rows.append(("quantised weights by width", ", ".join(
+            f"{b} bits: {100 * n / total:.1f} %" for b, n in sorted(widths.items()))
+            + f" (average {sum(b * n for b, n in widths.items()) / total:.3f})"))
     groups = parse_shared(manifest.get("shared"))
     if groups:
         size = sum(reader.nbytes(shared_key(g, t)) for g, spec in groups.items() for t in spec.tensors

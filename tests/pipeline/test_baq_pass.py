@@ -171,6 +171,9 @@ def test_cli_quantize_allocate_baq(tiny_llama: Path, tmp_path: Path, monkeypatch
     assert plan["choices"] == [2, 3, 4] and abs(plan["realized"] - 2.8) <= 0.01
     recipe = (out / "recipe.yaml").read_text()
     assert "allocate: baq" in recipe
+    code, shown, err = run_cli(["inspect", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "weights by width" in shown and "mixed bit widths" in shown
 
 
 @pytest.mark.parametrize("args,needle", [
