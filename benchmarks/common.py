@@ -119,3 +119,20 @@ def merge_save(name: str, sections: dict, *, nested: dict[str, tuple[str, ...] |
             value = list(rows.values())
         data[key] = value
     return _write(name, data)
+
+
+def scored(model: object, windows: object, dense: object | None = None) -> dict:
+    """PPL (and, against ``dense``, mean per-token KL and top-1 agreement) of ``model`` on the
+    evaluation ``windows``, through :func:`compress.eval.score`."""
+    import math
+
+    import torch
+
+    from compress.eval import score
+
+    with torch.no_grad():
+        s = score(model, windows, dense)
+    out = {"ppl": math.exp(s["nll"] / s["tokens"]), "eval_tokens": s["tokens"]}
+    if dense is not None:
+        out.update({"kl": s["kl"] / s["tokens"], "top1": s["agree"] / s["tokens"]})
+    return out

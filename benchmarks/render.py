@@ -252,9 +252,9 @@ def baq() -> str:
     if not path.is_file():
         return "| row | PPL |\n|---|---|\n| — | not measured |"
     d = json.loads(path.read_text())
-    lines = ["| row | PPL | KL | top-1 | realised bits | weights at 2/3/4/8 bits | bytes on disk | wall s | "
-             "peak RSS | log-loss corr. | command |", "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| dense | {d['dense']['ppl']:.2f} | — | — | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — | — |"]
+    lines = ["| row | PPL | KL | top-1 | realised bits | weights at 2/3/4/8 bits | bytes on disk | "
+             "peak RSS | log-loss corr. | command |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | {d['dense']['ppl']:.2f} | — | — | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — |"]
     for r in d.get("rows", []):
         a = r.get("allocation")
         if a:
@@ -265,7 +265,7 @@ def baq() -> str:
         else:
             mix, corr, bits = "—", "—", "—"
         lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {bits} | {mix} | "
-                     f"{_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} | {_gb(r['peak_rss_bytes'])} | {corr} | "
+                     f"{_gb(r['bytes_on_disk'])} | {_gb(r['peak_rss_bytes'])} | {corr} | "
                      f"`{r['command']}` |")
     acc = d.get("acceptance", {})
     lines += ["", "| budget | check | value | met |", "|---|---|---|---|"]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save)
+    RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save, scored)
 from compress.api import load  # noqa: E402
 from compress.assets import cache_dir, materialize  # noqa: E402
 from compress.checkpoint import CheckpointReader  # noqa: E402
@@ -61,10 +61,7 @@ def params_of(model: torch.nn.Module) -> int:
 
 def quality(out: Path, dense: torch.nn.Module, windows: torch.Tensor) -> dict:
     model = load(out)
-    with torch.no_grad():
-        s = score(model, windows, dense)
-    return {"ppl": math.exp(s["nll"] / s["tokens"]), "kl": s["kl"] / s["tokens"],
-            "top1": s["agree"] / s["tokens"], "eval_tokens": s["tokens"],
+    return {**scored(model, windows, dense),
             "params": params_of(model), "block_linear_params": block_linear_params(model),
             "bytes_on_disk": CheckpointReader(out).total_bytes()}
 

@@ -164,8 +164,12 @@ class GPTQConfig(QuantConfig):
     @model_validator(mode="after")
     def _allocation(self) -> GPTQConfig:
         if self.allocate == "none":
-            if self.average_bits is not None:
-                raise ValueError("average_bits (--average-bits) is BAQ's budget: add allocate: baq (--allocate baq)")
+            # a value other than the default (a saved recipe.yaml spells every default out)
+            given = sorted(f for f in BAQ_OPTIONS
+                           if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True))
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise ValueError(f"{given[0]} ({flag}) is a BAQ option: add allocate: baq (--allocate baq)")
             return self
         lo, hi = min(self.bit_choices), max(self.bit_choices)
         if not lo <= self.budget() <= hi:
@@ -176,6 +180,9 @@ class GPTQConfig(QuantConfig):
     def budget(self) -> float:
         """BAQ's average-bit budget (``average_bits``, else ``bits``)."""
         return float(self.bits if self.average_bits is None else self.average_bits)
+
+
+BAQ_OPTIONS = frozenset({"average_bits", "bit_choices", "theta", "granularity", "row_block", "scope"})
 
 
 def quant_bytes(cfg: QuantConfig, out_f: int, in_f: int, scale_dtype: torch.dtype = torch.float32) -> int:

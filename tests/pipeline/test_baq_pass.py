@@ -180,7 +180,8 @@ def test_cli_quantize_allocate_baq(tiny_llama: Path, tmp_path: Path, monkeypatch
     (["--allocate", "baq", "--bit-choices", "2,5"], "5 bits has no kernel; choose from 2, 3, 4, 8"),
     (["--allocate", "baq", "--average-bits", "1.5", "--bit-choices", "2,3"], "--average-bits"),
     (["--allocate", "baq", "--average-bits", "4.5", "--bit-choices", "2,3,4"], "4.5 is outside the bit choices 2..4"),
-    (["--average-bits", "2.5"], "allocate baq"),
+    (["--average-bits", "2.5"], "average_bits (--average-bits) is a BAQ option: add allocate: baq"),
+    (["--granularity", "rows"], "granularity (--granularity) is a BAQ option"),
     (["--method", "rtn", "--allocate", "baq"], "--allocate is not an option of --method rtn"),
 ])
 def test_bad_allocation_input_is_refused_in_one_line(args: list[str], needle: str, tiny_llama: Path,
@@ -204,3 +205,14 @@ def test_scan_is_read_only_and_propagates_dense(tiny_llama: Path, tmp_path: Path
     out = _run(tiny_llama, tmp_path / "b", cache=True, bits=3, allocate="baq", average_bits=2.6,
                propagate="dense", sequential="layer")
     assert abs(json.loads((out / "plan.json").read_text())["realized"] - 2.6) <= 0.01
+
+
+@pytest.mark.parametrize("config", [{"bits": 3}, {"bits": 3, "allocate": "baq", "average_bits": 2.5,
+                                                  "granularity": "rows", "scope": "model"}])
+def test_saved_recipes_parse_again(config: dict) -> None:
+    """``recipe.yaml`` spells every default out; the BAQ options must not be refused on re-reading."""
+    import yaml
+
+    recipe = parse_recipe({"calibration": CAL, "stages": [{"pass": "gptq", "config": config}]})
+    again = parse_recipe(yaml.safe_load(recipe.to_yaml()))
+    assert again.stages[0].config == recipe.stages[0].config
