@@ -102,6 +102,33 @@ class BAQPlan(BaseModel):
     uniform_predicted_loss: float | None
     units: list[UnitPlan]
 
+    def summary(self) -> list[str]:
+        """What ``compress plan`` prints: the budget met, the widths' shares, the predicted gain,
+        the average bits of every layer (the full plan is the run's ``plan.json``)."""
+        weights: dict[int, int] = {}
+        for u in self.units:
+            if u.row_bits is not None:
+                for b in u.row_widths():
+                    weights[b] = weights.get(b, 0) + u.in_features
+            else:
+                for g, b in enumerate(u.group_bits):
+                    weights[b] = weights.get(b, 0) + u.rows * min(u.group_width, u.in_features - g * u.group_width)
+        total = sum(weights.values())
+        lines = [f"BAQ: budget {self.budget:g} bits, realised {self.realized:.4f} over {total:,} weights "
+                 f"({self.granularity} granularity, scope {self.scope}, theta {self.theta:g})",
+                 "widths: " + ", ".join(f"{b} bits {100 * n / total:.1f} %" for b, n in sorted(weights.items()))]
+        if self.uniform_predicted_loss:
+            lines.append(f"predicted loss vs uniform {self.budget:g} bits: "
+                         f"{self.predicted_loss / self.uniform_predicted_loss:.3f}×")
+        layers = sorted({u.layer for u in self.units})
+        avg = []
+        for i in layers:
+            us = [u for u in self.units if u.layer == i]
+            n = sum(u.rows * u.in_features for u in us)
+            avg.append(f"{i}:{sum(u.average_bits() * u.rows * u.in_features for u in us) / n:.2f}")
+        lines.append("average bits per layer: " + " ".join(avg))
+        return lines
+
     def unit(self, layer: int, first: str) -> UnitPlan:
         for u in self.units:
             if u.layer == layer and u.names[0] == first:

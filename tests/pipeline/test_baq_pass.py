@@ -148,9 +148,14 @@ def test_per_layer_widths_export_to_compressed_tensors(tiny_llama: Path, tmp_pat
 
 
 def test_a_second_budget_reuses_the_scanned_losses(tiny_llama: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
     _run(tiny_llama, tmp_path / "a", cache=True, bits=3, allocate="baq", average_bits=3.0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((tmp_path / "a" / "recipe.yaml").read_text())
+    code, shown, err = run_cli(["plan", str(recipe), str(tiny_llama)], monkeypatch, capsys)
+    assert code == 0 and "BAQ: budget 3 bits, realised" in shown and "average bits per layer" in shown, err
     from compress.passes import baq as baq_pass
 
     def refuse(*_a: object, **_k: object) -> None:
