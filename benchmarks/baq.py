@@ -38,7 +38,7 @@ from compress.api import load  # noqa: E402
 from compress.assets import cache_dir, materialize  # noqa: E402
 from compress.checkpoint import CheckpointReader  # noqa: E402
 from compress.eval import eval_token_windows, score  # noqa: E402
-from compress.passes.baq import log_correlation  # noqa: E402
+from compress.passes.baq import UnitPlan, log_correlation  # noqa: E402
 from compress.passes.quantize import GPTQConfig  # noqa: E402
 
 PROTOCOL = "brown-512"
@@ -77,10 +77,13 @@ def allocation(out: Path) -> dict:
             seen.setdefault((r["layer"], str(x["predicted_loss"])), (x["predicted_loss"], x["measured_loss"]))
     pred, meas = zip(*seen.values(), strict=True) if seen else ((), ())
     weights: dict[str, int] = {}
-    for u in plan["units"]:
-        for g, b in enumerate(u["group_bits"]):
-            cols = min(u["group_width"], u["in_features"] - g * u["group_width"])
-            weights[str(b)] = weights.get(str(b), 0) + cols * u["rows"]
+    for u in (UnitPlan.model_validate(x) for x in plan["units"]):
+        if u.row_bits is not None:  # row blocks: every row's width times its columns
+            for b in u.row_widths():
+                weights[str(b)] = weights.get(str(b), 0) + u.in_features
+        for g, b in enumerate(u.group_bits):
+            cols = min(u.group_width, u.in_features - g * u.group_width)
+            weights[str(b)] = weights.get(str(b), 0) + cols * u.rows
     return {"budget": plan["budget"], "realized": plan["realized"], "scope": plan["scope"],
             "repair_moves": plan["repair_moves"], "weights_per_width": dict(sorted(weights.items())),
             "predicted_total": plan["predicted_loss"], "uniform_predicted_total": plan["uniform_predicted_loss"],

@@ -259,7 +259,8 @@ def baq() -> str:
         a = r.get("allocation")
         if a:
             total = sum(a["weights_per_width"].values())
-            mix = " / ".join(f"{100 * a['weights_per_width'].get(str(b), 0) / total:.0f} %" for b in (2, 3, 4, 8))
+            mix = " / ".join(f"{100 * a['weights_per_width'].get(str(b), 0) / total:.1f} %" for b in (2, 3, 4, 8)) \
+                if total else "—"  # (rows granularity: not counted by the 2026-12-03 script)
             corr = "—" if a["loss_log_correlation"] is None else f"{a['loss_log_correlation']:.3f}"
             bits = f"{a['realized']:.4f}"
         else:
