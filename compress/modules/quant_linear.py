@@ -286,9 +286,13 @@ class RowMixedQuantLinear(nn.Module):
         return [seg.bits for seg in self.segments]
 
     def _unstack(self, y: Tensor) -> Tensor:
-        """Stacked outputs ``[..., out]`` back into the original row order."""
-        inverse = torch.argsort(self.output_perm.long())
-        return y.index_select(-1, inverse)
+        """Stacked outputs ``[..., out]`` back into the original row order (the inverse
+        permutation is computed once per stored ``output_perm``, not on every call)."""
+        key = (self.output_perm.data_ptr(), self.output_perm.device)
+        if getattr(self, "_inverse_key", None) != key:
+            self._inverse = torch.argsort(self.output_perm.long())
+            self._inverse_key = key
+        return y.index_select(-1, self._inverse)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._unstack(torch.cat([seg(x) for seg in self.segments], dim=-1))

@@ -269,7 +269,7 @@ def log_correlation(predicted: list[float], measured: list[float]) -> float | No
     return float((x[:, 0] * x[:, 1]).sum()) / den if den > 0 else None
 
 
-def bits_figure(plan: BAQPlan, title: str, measured: dict[tuple[int, str], float] | None = None) -> Figure:
+def bits_figure(plan: BAQPlan, title: str) -> Figure:
     """Average bits of every fused group per layer (one line per group role)."""
     from matplotlib.figure import Figure
 

@@ -259,17 +259,8 @@ def _selected_groups(ctx: LayerContext, cfg: PassConfig) -> list[list[str]]:
 def _install(ctx: LayerContext, name: str, qw: QuantizedWeight, stage: str, t: float,
              H: Tensor | None) -> LayerRecord:
     """Swap the dense linear ``name`` for a QuantLinear and describe what happened."""
-    dense = ctx.module(name)
-    W = dense.weight.detach()
-    qlin = QuantLinear.from_quantized(qw, dense.bias)
-    ctx.replace(name, qlin)
-    nbytes = sum(b.numel() * b.element_size() for k, b in qlin.state_dict().items() if k != "bias")
-    deq = qw.dequantize()
-    err = None if H is None else relative_output_error(W.float(), deq, H)
-    werr = float(((W.float() - deq) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
-    return LayerRecord(stage=stage, layer=ctx.index, module=ctx.prefix + name, kind="quant",
-                       bits=8 * nbytes / W.numel(), error=err, weight_error=werr, time_s=t, bytes=nbytes,
-                       params=W.numel())
+    qlin = QuantLinear.from_quantized(qw, ctx.module(name).bias)
+    return _install_module(ctx, name, qlin, stage, t, H, qw.dequantize())
 
 
 @register_pass("rtn", QuantConfig, needs_calibration=False,
@@ -468,12 +459,14 @@ def _row_module(parts: list[tuple[Tensor, QuantizedWeight]], bias: Tensor | None
 
 
 def _install_module(ctx: LayerContext, name: str, qlin: nn.Module, stage: str, t: float,
-                    H: Tensor | None) -> LayerRecord:
-    """Swap the dense linear ``name`` for an already built quantised module (several widths)."""
+                    H: Tensor | None, deq: Tensor | None = None) -> LayerRecord:
+    """Swap the dense linear ``name`` for a built quantised module and describe what happened
+    (``deq``: its dense weight when the caller has it; otherwise the module dequantises)."""
     W = ctx.module(name).weight.detach()
     ctx.replace(name, qlin)
     nbytes = sum(b.numel() * b.element_size() for k, b in qlin.state_dict().items() if not k.endswith("bias"))
-    deq = qlin.dequantized_weight(torch.float32)  # type: ignore[operator]
+    if deq is None:
+        deq = qlin.dequantized_weight(torch.float32)  # type: ignore[operator]
     err = None if H is None else relative_output_error(W.float(), deq, H)
     werr = float(((W.float() - deq) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
     return LayerRecord(stage=stage, layer=ctx.index, module=ctx.prefix + name, kind="quant",
