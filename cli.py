@@ -210,9 +210,10 @@ def make_quantize_command() -> Any:
     methods = Enum("Method", {n: n for n in family}, type=str)  # type: ignore[misc]
 
     def command(**kw: Any) -> None:
-        spec = family[kw["method"].value]
-        own = set(spec.config_cls.model_fields)
         values = cliopts.given(flags, kw)
+        method = kw["method"].value if kw["method"] is not None else grid_method(values.get("grid"), family)
+        spec = family[method]
+        own = set(spec.config_cls.model_fields)
         foreign = [fl.name for fl in flags if fl.field in values and fl.field not in own]
         if foreign:
             field = next(fl.field for fl in flags if fl.name == foreign[0])
@@ -227,13 +228,27 @@ def make_quantize_command() -> Any:
                  kw["model"], kw["output"], kw["overwrite"], kw["force"], **_run_flags(kw))
 
     method_opt = Annotated[methods, typer.Option("--method", case_sensitive=False, metavar="|".join(family),
-                                                 help="quantiser [default: gptq]", show_default=False)]
+                                                 help="quantiser [default: gptq; nupes with --grid power]",
+                                                 show_default=False)]
     command.__signature__ = _params(  # type: ignore[attr-defined]
-        _head_params(), [_p("method", method_opt, methods("gptq"))], cliopts.parameters(flags),
+        _head_params(), [_p("method", method_opt, None)], cliopts.parameters(flags),
         cliopts.parameters(CALIB_FLAGS), [_p("seed", SeedOpt, 0)])
-    command.__doc__ = ("Quantise the weights of every linear in MODEL's blocks (GPTQ by default, or RTN) into "
-                       "packed integer codes. Calibration options apply to --method gptq only.")
+    command.__doc__ = ("Quantise the weights of every linear in MODEL's blocks (GPTQ by default, RTN, or NUPES' "
+                       "power grid with --grid power) into packed codes. Calibration options apply to the methods "
+                       "that calibrate (gptq; nupes with --init gptq or --learn).")
     return command
+
+
+def grid_method(grid: object, family: dict[str, PassSpec]) -> str:
+    """The method ``compress quantize`` runs without ``--method``: the pass whose config has
+    ``grid`` as its grid (``--grid power``: nupes), else gptq."""
+    if grid is not None:
+        value = getattr(grid, "value", grid)
+        for name, spec in family.items():
+            field = spec.config_cls.model_fields.get("grid")
+            if field is not None and field.default == value:
+                return name
+    return "gptq"
 
 
 def _family_flag(fl: cliopts.Flag, family: dict[str, PassSpec]) -> cliopts.Flag:

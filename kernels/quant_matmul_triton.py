@@ -67,7 +67,7 @@ def _stream_codes(base, idx, stride, mask, BITS: tl.constexpr):
 
 @triton.jit
 def _dequant_tile(
-    wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw,
+    wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw, stride_cb,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
 ):
     """fp32 ``[BLOCK_N, BLOCK_K]`` tile of the dense weight at rows ``offs_n``, columns ``offs_k``.
@@ -86,7 +86,7 @@ def _dequant_tile(
         group = offs_k // GROUP
         scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask, other=0.0).to(tl.float32)
     if MODE == 2:  # MODE_LUT (jit code cannot read plain module globals)
-        q = tl.load(cb_ptr + codes, mask=mask, other=0.0)
+        q = tl.load(cb_ptr + offs_n[:, None] * stride_cb + codes, mask=mask, other=0.0)  # stride 0: one table
     elif MODE == 1:  # MODE_ASYM: zero points packed along the output dimension
         if SCALE_PER_TILE:
             zero = _stream_codes(z_ptr + group, offs_n, stride_zw, mask_n, BITS)[:, None]
@@ -113,7 +113,7 @@ def mma(a, b, acc, DOT_MODE: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, wp_ptr, s_ptr, z_ptr, cb_ptr, part_ptr, N, K, K_PER_SPLIT,
-    stride_xm, stride_wn, stride_sn, stride_zw, stride_ps, stride_pm,
+    stride_xm, stride_wn, stride_sn, stride_zw, stride_cb, stride_ps, stride_pm,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -129,7 +129,7 @@ def _gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         w = _dequant_tile(
-            wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw,
+            wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw, stride_cb,
             BITS, GROUP, MODE, SCALE_PER_TILE,
         )
         acc += tl.sum(w * x[None, :], axis=1)
@@ -139,7 +139,7 @@ def _gemv_kernel(
 @triton.jit
 def _fused_kernel(
     x_ptr, wp_ptr, s_ptr, z_ptr, cb_ptr, b_ptr, y_ptr, M, N, K,
-    stride_xm, stride_wn, stride_sn, stride_zw, stride_ym,
+    stride_xm, stride_wn, stride_sn, stride_zw, stride_cb, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -157,7 +157,7 @@ def _fused_kernel(
         x_mask = mask_m[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         w = _dequant_tile(
-            wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw,
+            wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw, stride_cb,
             BITS, GROUP, MODE, SCALE_PER_TILE,
         )
         acc = mma(x, tl.trans(w.to(x.dtype)), acc, DOT_MODE)  # [BM, BK] @ [BK, BN]
@@ -169,7 +169,7 @@ def _fused_kernel(
 
 @triton.jit
 def _dequant_kernel(
-    wp_ptr, s_ptr, z_ptr, cb_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zw, stride_on,
+    wp_ptr, s_ptr, z_ptr, cb_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zw, stride_cb, stride_on,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -178,7 +178,7 @@ def _dequant_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = _dequant_tile(
-        wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw,
+        wp_ptr, s_ptr, z_ptr, cb_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_sn, stride_zw, stride_cb,
         BITS, GROUP, MODE, SCALE_PER_TILE,
     )
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
@@ -224,7 +224,8 @@ def _weight_args(w: PackedWeight) -> tuple[list, list, dict]:
     if w.codebook is not None:
         codebook = w.codebook.to(device=packed.device, dtype=torch.float32).contiguous()
     ptrs = [packed, scale, zero, codebook]
-    strides = [packed.stride(0), scale.stride(0), zero.stride(0)]
+    per_row_table = w.codebook is not None and w.codebook.dim() == 2
+    strides = [packed.stride(0), scale.stride(0), zero.stride(0), codebook.stride(0) if per_row_table else 0]
     meta = {"BITS": w.bits, "GROUP": w.group_size, "MODE": _MODES[w.mode]}
     return ptrs, strides, meta
 

@@ -72,7 +72,8 @@ def make_case(
     k: int, bits: int, group_size: int, *, mode: str = "sym", n: int = N_OUT,
     scale_dtype: torch.dtype = torch.float32, seed: int = 0,
 ) -> Case:
-    """Random codes / scales / zeros (mode ``sym``, ``asym`` or ``lut``), packed, plus the reference."""
+    """Random codes / scales / zeros (mode ``sym``, ``asym``, ``lut`` (one table) or ``lut-rows``
+    (one table per output row)), packed, plus the reference."""
     gen = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     codes = torch.randint(lo, hi + 1, (n, k), generator=gen)
@@ -83,6 +84,9 @@ def make_case(
     if mode == "lut":  # stored value = code - lo is the unsigned codebook index
         codebook = torch.randn(1 << bits, generator=gen).sort().values
         q = codebook.to(torch.float64)[codes - lo]
+    elif mode == "lut-rows":
+        codebook = torch.randn(n, 1 << bits, generator=gen).sort(dim=1).values
+        q = codebook.to(torch.float64).gather(1, codes - lo)
     elif mode == "asym":
         zeros = torch.randint(lo, hi + 1, (n, n_groups), generator=gen)
         zero_point = pack_int32(zeros, bits, dim=0)
@@ -210,7 +214,7 @@ TILING_IDS = [f"{p}-" + "-".join(f"{k}{v}" for k, v in b.items()) for p, b in TI
 
 
 @pytest.mark.parametrize("path,blocks", TILINGS, ids=TILING_IDS)
-@pytest.mark.parametrize("bits,mode", [(3, "asym"), (8, "sym"), (2, "lut")])
+@pytest.mark.parametrize("bits,mode", [(3, "asym"), (8, "sym"), (2, "lut"), (3, "lut-rows")])
 def test_triton_tilings(qt, bits, mode, path, blocks):
     """Multiple tiles per dimension, split-K variants and the gather fallback for scales."""
     case = make_case(133, bits, 32, mode=mode, seed=bits)
@@ -231,11 +235,31 @@ def test_triton_lut(qt, force_triton, bits, path, dtype):
     check_triton_path(qt, case, ROWS[path][bits % 2], dtype, path)
 
 
-@pytest.mark.parametrize("mode", ["sym", "asym", "lut"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", BITS)
+def test_triton_lut_per_row_tables(qt, force_triton, bits, path):
+    """One codebook per output row (a per-channel NUPES exponent): odd shapes, every path."""
+    k, g = SHAPES[(bits + 1) % len(SHAPES)]
+    case = make_case(k, bits, g, mode="lut-rows", seed=bits + 10)
+    check_triton_path(qt, case, ROWS[path][bits % 2], torch.float32, path)
+
+
+@pytest.mark.parametrize("m", [1, 5, 300])
+@pytest.mark.parametrize("bits", BITS)
+def test_twin_lut_per_row_tables(bits, m):
+    """The twin's plane and dequant paths with one table per row match the float64 reference."""
+    case = make_case(133, bits, 32, mode="lut-rows", seed=bits)
+    x, b = make_inputs(m, case, torch.float32)
+    assert rel_err(case.twin(x, b), case.reference(x, b)) <= 1e-5
+    dense = qtorch.lut_dequantize(case.packed, case.codebook, case.scale, **case.meta)
+    assert rel_err(dense, case.dense64) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["sym", "asym", "lut", "lut-rows"])
 @pytest.mark.parametrize("bits", BITS)
 def test_triton_dequantize_matches_twin(qt, force_triton, mode, bits):
     case = make_case(100, bits, 64, mode=mode, seed=bits)
-    if mode == "lut":
+    if mode.startswith("lut"):
         args = (case.packed, case.codebook, case.scale)
         fn, twin = qm.lut_dequantize, qtorch.lut_dequantize
     else:
@@ -388,3 +412,5 @@ def test_argument_errors():
         qm.quant_matmul(x, case.packed, case.scale, None, bits=5, group_size=32, in_features=75)
     with pytest.raises(ValueError, match="codebook"):
         qm.lut_matmul(x, case.packed, torch.randn(8), case.scale, **case.meta)
+    with pytest.raises(ValueError, match="codebook"):
+        qm.lut_matmul(x, case.packed, torch.randn(N_OUT + 1, 16), case.scale, **case.meta)
