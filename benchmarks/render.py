@@ -300,11 +300,51 @@ def baq() -> str:
     return "\n".join(lines)
 
 
+def nupes() -> str:
+    """NUPES vs uniform RTN and GPTQ at 3 / 4 bits, g64 (benchmarks/nupes.py)."""
+    path = RESULTS / "nupes.json"
+    if not path.is_file():
+        return "| row | PPL |\n|---|---|\n| — | not measured |"
+    d = json.loads(path.read_text())
+    lines = ["| row | PPL | KL | top-1 | bytes on disk | exponents (min..max) | wall | s per block | peak RSS | "
+             "command |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | {d['dense']['ppl']:.2f} | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — | — | — |"]
+    for r in d.get("rows", []):
+        t = r.get("timing", {})
+        exps = f"{t['exponent_min']:.2f}..{t['exponent_max']:.2f}" if "exponent_min" in t else "—"
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {_gb(r['bytes_on_disk'])} | "
+                     f"{exps} | {r['wall_s']:.0f} s | {t.get('block_s_mean', float('nan')):.1f} | "
+                     f"{_gb(r['peak_rss_bytes'])} | `{r['command']}` |")
+    acc = d.get("acceptance", {})
+    lines += ["", "| check | value | bytes ratio | met |", "|---|---|---|---|"]
+    for b in (3, 4):
+        a = acc.get(f"data_free_w{b}")
+        if a:
+            lines.append(f"| data-free NUPES W{b} PPL / RTN W{b} PPL (< 1) | {a['ppl_ratio_vs_rtn']:.3f} | "
+                         f"{a['bytes_ratio']:.4f} | {'yes' if a['beats_rtn'] else 'no'} |")
+    for b in (3, 4):
+        a = acc.get(f"learned_w{b}")
+        if a:
+            lines.append(f"| learned NUPES W{b} PPL / GPTQ W{b} PPL (≤ {a['target']}) | {a['ppl_ratio_vs_gptq']:.3f} | "
+                         f"{a['bytes_ratio']:.4f} | {'yes' if a['met'] else 'no'} |")
+    bench = d.get("bench")
+    if bench:
+        parts = ", ".join(f"{p['phase']} {p['tokens']}: {p['nupes_s'] * 1e3:.1f} ms vs {p['uniform_s'] * 1e3:.1f} ms "
+                          f"(**{p['latency_ratio']:.2f}×**)" for p in bench["phases"])
+        lines += ["", f"Serving, NUPES W4 (lut) vs GPTQ W4 (quant), {bench['served_by']}: {parts}; "
+                      f"`{bench['command']}`; {bench['machine']['date']}."]
+    m = d["machine"]
+    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
+    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
+                  "GPU: not measured (no device lent)."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
              "plan-truth": plan_truth, "device-map": device_map,
-             "structprune": structprune, "baq": baq}
+             "structprune": structprune, "baq": baq, "nupes": nupes}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

@@ -71,6 +71,28 @@ def _quant_widths(modules: dict[str, dict]) -> Counter[int]:
     return widths
 
 
+def _power_exponents(modules: dict[str, dict]) -> list[tuple[str, float, tuple[float, float] | None]]:
+    """(module, exponent, per-channel range) of every power-grid ``lut`` entry (NUPES)."""
+    return [(name, float(e["exponent"]), tuple(e["exponent_range"]) if e.get("exponent_range") else None)
+            for name, e in modules.items()
+            if e.get("kind") == "lut" and e.get("grid") == "power" and e.get("exponent") is not None]
+
+
+def _exponent_text(exps: list[tuple[str, float, tuple[float, float] | None]]) -> str:
+    """NUPES exponents in one line: range and median over linears, per role, per-channel spread."""
+    vals = sorted(a for _, a, _ in exps)
+    roles: dict[str, list[float]] = {}
+    for name, a, _ in exps:
+        roles.setdefault(name.rsplit(".", 1)[-1], []).append(a)
+    per_role = ", ".join(f"{r} {sum(v) / len(v):.2f}" for r, v in sorted(roles.items()))
+    text = (f"{len(vals)} linears, a = {vals[0]:.3f}..{vals[-1]:.3f} (median {vals[len(vals) // 2]:.3f}; "
+            f"1 = uniform); mean per role: {per_role}")
+    ranges = [r for _, _, r in exps if r is not None]
+    if ranges:
+        text += f"; per channel {min(r[0] for r in ranges):.3f}..{max(r[1] for r in ranges):.3f}"
+    return text
+
+
 def _kind_rows(reader: CheckpointReader, manifest: dict) -> list[tuple[str, str]]:
     """Bytes per module kind (each kind's own accounting) and the shared groups, if any."""
     from compress.model import config_dtype, load_config
@@ -91,6 +113,9 @@ def _kind_rows(reader: CheckpointReader, manifest: dict) -> list[tuple[str, str]
         rows.append(("quantised weights by width", ", ".join(
             f"{b} bits: {100 * n / total:.1f} %" for b, n in sorted(widths.items()))
             + f" (average {sum(b * n for b, n in widths.items()) / total:.3f})"))
+    exps = _power_exponents(modules)
+    if exps:
+        rows.append(("power exponents", _exponent_text(exps)))
     groups = parse_shared(manifest.get("shared"))
     if groups:
         size = sum(reader.nbytes(shared_key(g, t)) for g, spec in groups.items() for t in spec.tensors

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from compress.algos import nupes as algo
 from compress.algos.gptq import relative_output_error
-from compress.algos.quant import QuantSpec, rtn_quantize
+from compress.algos.quant import rtn_quantize
 from compress.calib.pipeline import CalibState, LayerContext, block_output
 from compress.errors import NumericsError
 from compress.modules.lut_linear import LutLinear
@@ -206,6 +206,8 @@ class NupesPass(_QuantPass):
         if self.config.learn:
             terms["dense block outputs (learning targets)"] = shape.activation_bytes
             terms["latents, Adam moments, gradients of one block"] = 6 * shape.block_bytes
+            per_window = shape.activation_bytes // max(shape.windows, 1)
+            terms["autograd activations of one learning step"] = 16 * per_window * self.config.learn_batch
         return terms
 
     # -- one block ---------------------------------------------------------------------------
@@ -283,7 +285,7 @@ class NupesPass(_QuantPass):
                 y = targets.batch(b)[lo:hi]
                 loss = F.mse_loss(_call_rows(state, ctx.layer, b, x, lo, hi).float(), y.float())
                 if not torch.isfinite(loss):
-                    self._fail(ctx, dense, train, f"the block loss became {float(loss)} at step {step}")
+                    self._fail(ctx, dense, train, f"the block loss became {float(loss.detach())} at step {step}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -322,7 +324,7 @@ class NupesPass(_QuantPass):
         module.grid_info = {"grid": "power", "exponent": float(exps.mean()) if exps is not None else q.exponent}
         if exps is not None:
             module.grid_info["exponent_range"] = (float(exps.min()), float(exps.max()))
-        uniform = rtn_quantize(W, QuantSpec(q.spec.bits, q.spec.group_size, True, False, q.spec.scale_dtype)).dequantize()
+        uniform = rtn_quantize(W, q.spec.uniform()).dequantize()  # symmetric RTN at the same bits and groups
         rec = _install_module(ctx, name, module, self.name, dt, H, deq)
         rec.kind = "lut"
         energy = float((W.float() ** 2).sum().clamp_min(1e-30))

@@ -33,6 +33,9 @@ CASES = {
     # structured pruning of random weights changes the function a lot: the bound only catches a broken rebuild
     "structprune 0.15 ffn": ([{"pass": "structprune", "config": {"sparsity": 0.15, "structures": ["ffn"]}}],
                              "pruned", 0.9),
+    # learned NUPES: every family's block call (rotary, masks, positional args) through the learner
+    "nupes W4 learned": ([{"pass": "nupes", "config": {"bits": 4, "group_size": 32, "init": "gptq", "learn": True,
+                                                        "steps": 4}}], "lut", 0.2),
 }
 
 
@@ -69,7 +72,7 @@ def test_family_compresses_and_reloads(family: str, case: str, models: dict[str,
         want, got = dense(input_ids=ids).logits, model(input_ids=ids).logits
         err = float((got - want).norm() / want.norm())
         assert err < tol * SENSITIVITY.get(family, 1.0), (family, case, err)
-        if kind == "quant":  # exactly the dense model with the decoded weights swapped in
+        if kind in ("quant", "lut"):  # exactly the dense model with the decoded weights swapped in
             for name, mod in model.named_modules():
                 if hasattr(mod, "dequantized_weight"):
                     dense.get_submodule(name).weight.data = mod.dequantized_weight(torch.float32)
@@ -95,7 +98,8 @@ def test_bert_encoder_compresses_and_reloads(case: str, tiny_bert: Path, tmp_pat
     ids = torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = compress.load(out)(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state
-    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > (0.999 if kind == "quant" else 0.5)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > (
+        0.999 if kind in ("quant", "lut") else 0.5)
     assert {e["kind"] for e in compress.load(out).compress_manifest["modules"].values()} == {kind}
 
 
