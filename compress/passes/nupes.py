@@ -34,6 +34,7 @@ from compress.algos import nupes as algo
 from compress.algos.gptq import relative_output_error
 from compress.algos.quant import rtn_quantize
 from compress.calib.pipeline import CalibState, LayerContext, block_output
+from compress.distributed import agree, all_reduce_sum, world
 from compress.errors import NumericsError
 from compress.modules.lut_linear import LutLinear
 from compress.passes.quantize import QuantConfig, _install_module, _QuantPass, _selected_groups, single_thread
@@ -132,6 +133,18 @@ class _PowerTrainLinear(nn.Module):
         exp: Tensor | float = a if a.dim() else float(a)
         codes = algo.learned_codes(self.z, exp, self.spec)
         return algo.PowerQuantized(codes, self.scale().detach().to(self.spec.scale_dtype), exp, self.spec)
+
+
+def _average_gradients(modules: object) -> None:
+    """Mean of every learner gradient over the processes of a data-parallel run (each process
+    computed its own windows' step), so every process applies the same update (no-op alone)."""
+    w = world()
+    if w.size == 1:
+        return
+    for m in modules:  # type: ignore[attr-defined]
+        for p in m.parameters():
+            if p.grad is not None:
+                all_reduce_sum(p.grad).div_(w.size)
 
 
 def _rows_of(value: object, lo: int, hi: int, rows: int) -> object:
@@ -284,10 +297,11 @@ class NupesPass(_QuantPass):
                 x = state.batch(b)[lo:hi]
                 y = targets.batch(b)[lo:hi]
                 loss = F.mse_loss(_call_rows(state, ctx.layer, b, x, lo, hi).float(), y.float())
-                if not torch.isfinite(loss):
-                    self._fail(ctx, dense, train, f"the block loss became {float(loss.detach())} at step {step}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if not agree(bool(torch.isfinite(loss))):
+                    self._fail(ctx, dense, train, f"the block loss became non-finite at step {step}")
+                _average_gradients(train.values())  # data-parallel: every process takes the same step
                 opt.step()
                 bad = [n for n, m in train.items() if not (torch.isfinite(m.z).all() and torch.isfinite(m.a).all()
                                                           and torch.isfinite(m.log_scale).all())]

@@ -109,6 +109,20 @@ def test_two_processes_write_what_one_writes(command: list[str], src: Path, tmp_
     assert not list(tmp_path.glob(".compress-rank1-*"))  # the other process's copy is gone
 
 
+def test_nupes_learning_in_two_processes(src: Path, tmp_path: Path) -> None:
+    """Each step takes one chunk per process and the gradients are averaged, so both processes
+    keep the same parameters (a divergent rank would deadlock or write a different block) and
+    the run completes with a loadable output."""
+    import compress
+
+    out = tmp_path / "n2"
+    r = _compress(["nupes", str(src), "-o", str(out), "--device", "cpu", "--no-cache", "--bits", "4",
+                   "--group-size", "32", "--init", "gptq", "--learn", "--steps", "4", *CALIB], 2, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = compress.load(out)
+    assert {e["kind"] for e in model.compress_manifest["modules"].values()} == {"lut"}
+
+
 def test_resume_is_refused_in_a_run_of_several_processes(src: Path, tmp_path: Path) -> None:
     r = _compress(["gptq", str(src), "-o", str(tmp_path / "o"), "--device", "cpu", "--resume", *CALIB], 2, tmp_path)
     assert r.returncode != 0
