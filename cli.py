@@ -211,7 +211,7 @@ def make_quantize_command() -> Any:
 
     def command(**kw: Any) -> None:
         values = cliopts.given(flags, kw)
-        method = kw["method"].value if kw["method"] is not None else grid_method(values.get("grid"), family)
+        method = kw["method"].value if kw["method"] is not None else cliopts.grid_method(values.get("grid"), family)
         spec = family[method]
         own = set(spec.config_cls.model_fields)
         foreign = [fl.name for fl in flags if fl.field in values and fl.field not in own]
@@ -228,27 +228,13 @@ def make_quantize_command() -> Any:
                  kw["model"], kw["output"], kw["overwrite"], kw["force"], **_run_flags(kw))
 
     method_opt = Annotated[methods, typer.Option("--method", case_sensitive=False, metavar="|".join(family),
-                                                 help="quantiser [default: gptq; nupes with --grid power]",
-                                                 show_default=False)]
+                                                 help="quantiser [default: gptq; nupes with --grid power]")]
     command.__signature__ = _params(  # type: ignore[attr-defined]
         _head_params(), [_p("method", method_opt, None)], cliopts.parameters(flags),
         cliopts.parameters(CALIB_FLAGS), [_p("seed", SeedOpt, 0)])
-    command.__doc__ = ("Quantise the weights of every linear in MODEL's blocks (GPTQ by default, RTN, or NUPES' "
-                       "power grid with --grid power) into packed codes. Calibration options apply to the methods "
-                       "that calibrate (gptq; nupes with --init gptq or --learn).")
+    command.__doc__ = ("Quantise every block linear of MODEL: GPTQ (default), RTN, or NUPES' power grid (--grid "
+                       "power). Calibration options apply to gptq and to nupes with --init gptq or --learn.")
     return command
-
-
-def grid_method(grid: object, family: dict[str, PassSpec]) -> str:
-    """The method ``compress quantize`` runs without ``--method``: the pass whose config has
-    ``grid`` as its grid (``--grid power``: nupes), else gptq."""
-    if grid is not None:
-        value = getattr(grid, "value", grid)
-        for name, spec in family.items():
-            field = spec.config_cls.model_fields.get("grid")
-            if field is not None and field.default == value:
-                return name
-    return "gptq"
 
 
 def _family_flag(fl: cliopts.Flag, family: dict[str, PassSpec]) -> cliopts.Flag:

@@ -135,3 +135,15 @@ def flag_error(e: ValidationError, flags: list[Flag], command: str) -> CompressE
 
 def parameters(flags: list[Flag]) -> list[inspect.Parameter]:
     return [fl.parameter() for fl in flags]
+
+
+def grid_method(grid: object, family: dict[str, Any]) -> str:
+    """The method ``compress quantize`` runs without ``--method``: the pass whose config has
+    ``grid`` as its grid (``--grid power``: nupes), else gptq."""
+    if grid is not None:
+        value = getattr(grid, "value", grid)
+        for name, spec in family.items():
+            field = spec.config_cls.model_fields.get("grid")
+            if field is not None and field.default == value:
+                return name
+    return "gptq"

@@ -170,6 +170,21 @@ def gptq_quantize_rows(W: Tensor, H: Tensor, spec: QuantSpec, row_bits: list[int
     return parts, GPTQStats(loss, damp, dead, col_loss, row_loss)
 
 
+def prepare_problem(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 copy of ``W`` and float64 copy of ``H`` for a GPTQ column loop, with dead inputs
+    (zero Hessian diagonal) given a unit diagonal and zero weights; also returns the dead mask.
+    Raises :class:`NumericsError` for a NaN/Inf Hessian."""
+    if not torch.isfinite(H).all():
+        raise NumericsError("the calibration Hessian contains NaN/Inf",
+                            "check the model's activations for overflow (try float32)")
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H, dead
+
+
 @dataclass
 class _Solved:
     """Unsigned codes ``[out, in]`` (original column order) and one grid per group."""
@@ -190,15 +205,8 @@ def _solve(W: Tensor, H: Tensor, spec: QuantSpec, group_bits: list[int] | None, 
     :func:`gptq_quantize` stores), or consecutive columns of the processing order with dynamic
     grids (``permuted`` True and not ``static_groups``).
     """
-    if not torch.isfinite(H).all():
-        raise NumericsError("the calibration Hessian contains NaN/Inf",
-                            "check the model's activations for overflow (try float32)")
-    W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float64).clone()
+    W, H, dead = prepare_problem(W, H)
     out_f, in_f = W.shape
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     act_order = perm is not None and perm is not False
     static = static_groups or (act_order and not permuted)
     gw = spec.group_width(in_f)

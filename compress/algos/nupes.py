@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compress.algos.gptq import act_order_perm, inverse_cholesky
+from compress.algos.gptq import act_order_perm, inverse_cholesky, prepare_problem
 from compress.algos.quant import QuantSpec, group_grids
-from compress.errors import NumericsError
 
 #: smallest exponent the search and the learner allow (a → 0 crowds every level at zero)
 A_MIN_DEFAULT = 0.2
@@ -262,15 +261,8 @@ def gptq_power(W: Tensor, H: Tensor, a: Tensor | float, spec: PowerSpec, *, bloc
     level and the error is spread over the columns not yet quantised through the inverse Hessian
     (Frantar et al.). Scales are static (from the original weights, :func:`power_scales`), so the
     act-order permutation needs nothing at inference."""
-    if not torch.isfinite(H).all():
-        raise NumericsError("the calibration Hessian contains NaN/Inf",
-                            "check the model's activations for overflow (try float32)")
-    Wf = W.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float64).clone()
+    Wf, H, dead = prepare_problem(W, H)
     out_f, in_f = Wf.shape
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    Wf[:, dead] = 0.0
     scale = power_scales(Wf, a, spec).to(spec.scale_dtype)
     col_scale = scale.to(torch.float32)[:, group_index(in_f, spec, W.device)]  # (out, in)
     tab = table(a, spec.bits, W.device)  # [2^b] or [out, 2^b]
