@@ -87,7 +87,7 @@ def _codes(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _unpack(m: torch.nn.Module) -> torch.Tensor:
-    from kernels.packing import unpack_int32
+    from compress.kernels.packing import unpack_int32
 
     return unpack_int32(m.weight_packed, m.bits, m.in_features, dim=1)
 

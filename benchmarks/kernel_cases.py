@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.packing import pack_int32
-from kernels.quant_matmul_torch import make_packed_weight
+from compress.kernels.packing import pack_int32
+from compress.kernels.quant_matmul_torch import make_packed_weight
 
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,7 +85,7 @@ def rel_err(y: Tensor, ref: Tensor) -> float:
 
 def triton_quant(case: QuantCase, x: Tensor, bias: Tensor | None, path: str) -> Tensor:
     """One Triton path on ``x [M, K]`` with every output buffer NaN-poisoned before the launch."""
-    from kernels import quant_matmul_triton as qt
+    from compress.kernels import quant_matmul_triton as qt
 
     w = case.packed_weight()
     m, n = x.shape[0], case.n
@@ -104,7 +104,7 @@ def triton_quant(case: QuantCase, x: Tensor, bias: Tensor | None, path: str) -> 
 
 def twin_quant(case: QuantCase, x: Tensor, bias: Tensor | None) -> Tensor:
     """The torch twin (what CPU serving runs)."""
-    from kernels import quant_matmul_torch as qtorch
+    from compress.kernels import quant_matmul_torch as qtorch
 
     meta = dict(bits=case.bits, group_size=case.group_size, in_features=case.k, bias=bias)
     if case.codebook is not None:
@@ -136,7 +136,7 @@ def lowrank_reference(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> T
 
 def triton_lowrank(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
     """The Triton low-rank kernel with a NaN-poisoned output."""
-    from kernels import lowrank_triton as lt
+    from compress.kernels import lowrank_triton as lt
 
     out = torch.full((x.shape[0], V.shape[1]), float("nan"), device=x.device, dtype=x.dtype)
     return lt.launch_lowrank(x, U, V, bias, out=out)

@@ -101,7 +101,7 @@ def lowrank_correctness(device: str) -> list[dict]:
     The single-V Triton call writes into a NaN-poisoned output; shared-basis runs the same launch
     on the concatenated Vs.
     """
-    from kernels import lowrank_torch, lowrank_triton
+    from compress.kernels import lowrank_torch, lowrank_triton
 
     tri = "triton" if device == "cuda" else "triton-interpreter"
     rows = []
@@ -178,7 +178,7 @@ def cpu_timings(repeats: int) -> dict:
 @contextlib.contextmanager
 def twin_planes_always():
     """Force the twin onto its plane-by-plane path for every M (the path decode takes)."""
-    from kernels import quant_matmul_torch
+    from compress.kernels import quant_matmul_torch
 
     saved = quant_matmul_torch.PLANES_MAX_M
     quant_matmul_torch.PLANES_MAX_M = 1 << 62

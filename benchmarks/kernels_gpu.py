@@ -4,7 +4,7 @@
   (target: ≥ 3.0× faster; the bandwidth bound is about 4×);
 * int4 at M = 2048 (target: ≤ 1.15× the fp16 matmul's time);
 * the path crossover sweep that should replace the provisional thresholds in
-  ``kernels/quant_matmul.py`` (each forced path timed over M);
+  ``compress/kernels/quant_matmul.py`` (each forced path timed over M);
 * low-rank (rank = 25% of min(N, K)) at M = 2048 against two separate matmuls, with the extra
   memory each allocates (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``):
   the fused kernel must not allocate the ``M × rank`` intermediate.
@@ -37,7 +37,7 @@ def _int4(k: int, n: int, group: int = 128):  # noqa: ANN202
 
 
 def _qmm(case, x: torch.Tensor, path: str = "auto") -> torch.Tensor:  # noqa: ANN001
-    from kernels.quant_matmul import quant_matmul
+    from compress.kernels.quant_matmul import quant_matmul
 
     return quant_matmul(x, case.packed, case.scale, case.zero_point, bits=case.bits,
                         group_size=case.group_size, in_features=case.k, path=path)
@@ -45,7 +45,7 @@ def _qmm(case, x: torch.Tensor, path: str = "auto") -> torch.Tensor:  # noqa: AN
 
 def quant_rows(m: int) -> list[dict]:
     """int4 g128 (dispatcher, path auto) vs fp16 torch.matmul at ``m`` rows on the LLaMA shapes."""
-    from kernels.quant_matmul import choose_path
+    from compress.kernels.quant_matmul import choose_path
 
     rows = []
     for k, n in LLAMA_SHAPES:
@@ -79,7 +79,7 @@ def crossover_sweep(k: int = 4096, n: int = 11008) -> dict:
 
 def lowrank_row(m: int = 2048, k: int = 4096, n: int = 4096) -> dict:
     """Fused low-rank kernel vs two matmuls: time and the extra memory each allocates."""
-    from kernels.lowrank import lowrank_matmul
+    from compress.kernels.lowrank import lowrank_matmul
 
     rank = min(n, k) // 4
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)

@@ -295,7 +295,7 @@ def _in_process(model_dir: Path, phase: str, tokens: int, **kw: Any) -> PhaseRes
 
 def device_label(device: str) -> str:
     """What serves the linears on ``device``: ``"CPU, torch twins"``, ``"<GPU name>, Triton"``, ..."""
-    from kernels._triton import use_triton
+    from compress.kernels._triton import use_triton
 
     dev = torch.device(device)
     triton = use_triton(torch.empty(0, device=dev))

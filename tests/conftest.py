@@ -18,7 +18,7 @@ os.environ.setdefault("COMPRESS_CACHE", str(ROOT / ".cache" / "compress"))
 # Triton reads TRITON_INTERPRET when it is first imported, and some test modules import it at
 # collection (compressed-tensors does, for the interop tests) before tests/kernels/conftest.py
 # is read; set it here, first, so the kernel tests always run under the CPU interpreter. The
-# default dispatch on CPU tensors stays the torch twin (kernels/_triton.py).
+# default dispatch on CPU tensors stays the torch twin (compress/kernels/_triton.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

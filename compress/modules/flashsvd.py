@@ -1,7 +1,7 @@
 """FlashSVD serving: low-rank blocks that never materialise full-size activations.
 
 :func:`enable_flashsvd` finds the blocks of a loaded model whose linears are all
-:class:`LowRankLinear` and switches them to fused forwards built on :mod:`kernels.flashsvd`:
+:class:`LowRankLinear` and switches them to fused forwards built on :mod:`compress.kernels.flashsvd`:
 
 * LLaMA-family MLP (``gate/up/down``, SiLU): ``flash_swiglu_ffn`` — the ``L × D`` intermediate
   is produced and consumed tile by tile.
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from compress.errors import CompressError
 from compress.modules.lowrank import LowRankLinear
-from kernels.flashsvd import flash_gelu_ffn, flash_svd_attention, flash_swiglu_ffn
+from compress.kernels.flashsvd import flash_gelu_ffn, flash_svd_attention, flash_swiglu_ffn
 
 _MASK_CHECK_ROWS = 256  # query rows per step when checking a 4-D mask (bounds the check's memory)
 

@@ -1,7 +1,7 @@
 """LowRankLinear: a linear layer stored as two factors, ``y = (x U) V + b``.
 
 Whole-matrix layout (``heads == 1``): ``U [in, r]``, ``V [r, out]``, served by
-:func:`kernels.lowrank.lowrank_matmul` (the rank-space tile stays on chip on CUDA; the CPU twin
+:func:`compress.kernels.lowrank.lowrank_matmul` (the rank-space tile stays on chip on CUDA; the CPU twin
 bounds it to a row chunk).
 
 Per-head layout (q/k/v with ``heads > 1``): ``U [in, heads·r]`` (head ``h``'s basis in columns
@@ -27,8 +27,8 @@ from typing import Literal
 from pydantic import Field
 
 from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
-from kernels._triton import use_triton
-from kernels.lowrank import lowrank_matmul
+from compress.kernels._triton import use_triton
+from compress.kernels.lowrank import lowrank_matmul
 
 
 class LowRankLinear(nn.Module):

@@ -5,7 +5,7 @@ power-exponent grid, learned codebooks) that a uniform ``quant`` entry cannot ex
 indices are unsigned ``0 .. 2**bits − 1`` in the same dense int32 stream as ``quant`` codes
 (``weight_packed``), the codebook is ``[2**bits]`` float32 per linear (``tables: layer``) or
 ``[out, 2**bits]``, one per output row (``tables: channel``: NUPES with an exponent per channel),
-and the forward is served by :func:`kernels.quant_matmul.lut_matmul` (Triton on GPU, its torch
+and the forward is served by :func:`compress.kernels.quant_matmul.lut_matmul` (Triton on GPU, its torch
 twin on CPU).
 """
 
@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from compress.modules.protocol import DecodedWeightCache
 from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
-from kernels.packing import SUPPORTED_BITS, group_index, pack_int32, packed_len, unpack_stream
-from kernels.quant_matmul import lut_dequantize, lut_matmul, path_label
+from compress.kernels.packing import SUPPORTED_BITS, group_index, pack_int32, packed_len, unpack_stream
+from compress.kernels.quant_matmul import lut_dequantize, lut_matmul, path_label
 
 
 class LutLinear(DecodedWeightCache, nn.Module):

@@ -29,13 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from compress.algos.quant import QuantizedWeight
 from compress.modules.protocol import DecodedWeightCache
 from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
-from kernels.packing import (SUPPORTED_BITS, group_index, legacy_packed_len, pack_int32, packed_len, repack_legacy,
+from compress.kernels.packing import (SUPPORTED_BITS, group_index, legacy_packed_len, pack_int32, packed_len, repack_legacy,
                              unpack_int32)
-from kernels.quant_matmul import dequantize, path_label, quant_matmul
+from compress.kernels.quant_matmul import dequantize, path_label, quant_matmul
 
 
 class QuantLinear(DecodedWeightCache, nn.Module):
-    """``y = x · dequant(W)ᵀ + b`` served by :func:`kernels.quant_matmul.quant_matmul`.
+    """``y = x · dequant(W)ᵀ + b`` served by :func:`compress.kernels.quant_matmul.quant_matmul`.
 
     Args:
         in_features / out_features: dense shape.
@@ -113,7 +113,7 @@ class QuantLinear(DecodedWeightCache, nn.Module):
     def reference_weight(self) -> Tensor:
         """The dense float64 ``[out, in]`` weight, decoded without the kernels or their twin.
 
-        Uses the slow, obvious unpacker of :mod:`kernels.packing`: signed codes minus the zero
+        Uses the slow, obvious unpacker of :mod:`compress.kernels.packing`: signed codes minus the zero
         point, times the group scale, all in float64.
         """
         gidx = group_index(self.in_features, self.group_size, self.weight_packed.device)  # [K]
@@ -124,7 +124,7 @@ class QuantLinear(DecodedWeightCache, nn.Module):
         return q * self.weight_scale.to(torch.float64)[:, gidx]  # [N, K]
 
     def kernel_path(self, x: Tensor) -> str:
-        """The code path ``forward(x)`` takes (see :func:`kernels.quant_matmul.path_label`)."""
+        """The code path ``forward(x)`` takes (see :func:`compress.kernels.quant_matmul.path_label`)."""
         if self._dense is not None:
             return "dense cache"
         return path_label(x, self.out_features, self.in_features)

@@ -24,7 +24,7 @@ from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
 from compress.pipeline.stats import group_first, input_gram_statistic, input_grams
 from compress.registry import register_pass
 from compress.report import LayerRecord
-from kernels.packing import SUPPORTED_BITS
+from compress.kernels.packing import SUPPORTED_BITS
 
 
 class QuantConfig(PassConfig):

@@ -22,7 +22,7 @@ def test_dispatcher_ppl_matches_the_dequantized_reference(smollm2_w4: Path, monk
     from compress import load
     from compress.eval import eval_token_windows, score
     from compress.validate import dense_reference
-    from kernels import quant_matmul_torch
+    from compress.kernels import quant_matmul_torch
 
     windows = eval_token_windows(smollm2_w4, PROTOCOL, None)
     served, reference = load(smollm2_w4), load(smollm2_w4)

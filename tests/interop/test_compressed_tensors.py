@@ -1,6 +1,6 @@
 """Our pack-quantized outputs against compressed-tensors' own code.
 
-* packing: ``kernels.packing`` vs ``compressed_tensors``' ``pack_to_int32`` / ``unpack_from_int32``,
+* packing: ``compress.kernels.packing`` vs ``compressed_tensors``' ``pack_to_int32`` / ``unpack_from_int32``,
   byte for byte, for every bit width;
 * the config we write parses as compressed-tensors ``QuantizationConfig`` and says what was done;
 * the matrix: bits × symmetry × group (32, 64, per channel, ragged) × act-order on a tiny LLaMA:
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import compress
-from kernels.packing import pack_int32, unpack_int32
+from compress.kernels.packing import pack_int32, unpack_int32
 from tests.conftest import brown_lines, train_tokenizer
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")

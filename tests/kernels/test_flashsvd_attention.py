@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from kernels.flashsvd import attention, attention_torch, attention_triton
+from compress.kernels.flashsvd import attention, attention_torch, attention_triton
 
 FP32_TOL = 1e-4
 BF16_TOL = 2e-2

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels.flashsvd import ffn, ffn_torch, ffn_triton
+from compress.kernels.flashsvd import ffn, ffn_torch, ffn_triton
 
 FP32_TOL = 1e-5
 HF_TOL = 1e-4
@@ -246,7 +246,7 @@ def test_dispatcher_picks_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_import_does_not_import_triton() -> None:
-    code = "import sys, kernels.flashsvd; assert 'triton' not in sys.modules, 'triton imported'"
+    code = "import sys, compress.kernels.flashsvd; assert 'triton' not in sys.modules, 'triton imported'"
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernels import lowrank as lr
-from kernels import lowrank_torch as lrtorch
+from compress.kernels import lowrank as lr
+from compress.kernels import lowrank_torch as lrtorch
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 """Largest allowed relative error against the float64 reference, per activation dtype."""
@@ -48,7 +48,7 @@ def reference(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
 def lt() -> ModuleType:
     """The Triton module, imported under the interpreter (skips when Triton is missing)."""
     pytest.importorskip("triton")
-    from kernels import lowrank_triton
+    from compress.kernels import lowrank_triton
 
     return lowrank_triton
 

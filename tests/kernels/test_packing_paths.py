@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.packing import _unpack_aligned, _unpack_periods, pack_int32, unpack_stream
+from compress.kernels.packing import _unpack_aligned, _unpack_periods, pack_int32, unpack_stream
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

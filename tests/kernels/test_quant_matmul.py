@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernels import quant_matmul as qm
-from kernels import quant_matmul_torch as qtorch
-from kernels.packing import dequantize_packed, pack_int32
+from compress.kernels import quant_matmul as qm
+from compress.kernels import quant_matmul_torch as qtorch
+from compress.kernels.packing import dequantize_packed, pack_int32
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 """Largest allowed relative error against the float64 reference, per activation dtype."""
@@ -110,7 +110,7 @@ def make_inputs(
 def qt() -> ModuleType:
     """The Triton module, imported under the interpreter (skips when Triton is missing)."""
     pytest.importorskip("triton")
-    from kernels import quant_matmul_triton
+    from compress.kernels import quant_matmul_triton
 
     return quant_matmul_triton
 
@@ -391,7 +391,7 @@ def test_dispatch_forced_triton(qt, force_triton, monkeypatch):
 
 
 def test_import_does_not_load_triton():
-    code = "import sys, kernels.quant_matmul, kernels.lowrank; assert 'triton' not in sys.modules"
+    code = "import sys, compress.kernels.quant_matmul, compress.kernels.lowrank; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

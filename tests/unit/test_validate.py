@@ -15,8 +15,8 @@ from compress.modules.protocol import Validatable, validatable_modules
 from compress.modules.quant_linear import QuantLinear
 from compress.validate import (DEFAULT_TOLERANCE, check_module, dense_reference, errors, parse_tolerance,
                                validate)
-from kernels import quant_matmul_torch
-from kernels.quant_matmul import path_label
+from compress.kernels import quant_matmul_torch
+from compress.kernels.quant_matmul import path_label
 
 
 def make_qlinear(bits: int, symmetric: bool, group: int | None, k: int = 70, n: int = 23, bias: bool = True,

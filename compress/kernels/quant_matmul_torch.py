@@ -1,7 +1,7 @@
 """Plain-torch twins of the quantized matmul kernels (what CPU serving runs).
 
 The twins compute what the Triton kernels compute, ``y = x · dequant(W)ᵀ (+ bias)``, for the
-compressed-tensors ``pack-quantized`` layout described in :mod:`kernels.packing`, and for its
+compressed-tensors ``pack-quantized`` layout described in :mod:`compress.kernels.packing`, and for its
 lookup-table variant where a code is an unsigned index into a per-layer codebook. They are written
 for CPU speed: the matmul never materialises the dense weight but works one code position of the
 packed words at a time (see :func:`matmul_dequantized`; the only Python loop is over the
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.packing import SUPPORTED_BITS, code_plane, packed_len, period, unpack_stream
+from compress.kernels.packing import SUPPORTED_BITS, code_plane, packed_len, period, unpack_stream
 
 PATHS = ("auto", "gemv", "fused", "dequant")
 PLANES_MAX_M = 256
@@ -243,7 +243,7 @@ def quant_matmul(
     bias: Tensor | None = None,
     path: str = "auto",
 ) -> Tensor:
-    """Torch twin of :func:`kernels.quant_matmul.quant_matmul`.
+    """Torch twin of :func:`compress.kernels.quant_matmul.quant_matmul`.
 
     ``path`` is validated for signature parity but every path computes the same thing here:
     dequantize to fp32, then one fp32 matmul.
@@ -268,7 +268,7 @@ def lut_matmul(
     bias: Tensor | None = None,
     path: str = "auto",
 ) -> Tensor:
-    """Torch twin of :func:`kernels.quant_matmul.lut_matmul` (``path`` as in :func:`quant_matmul`)."""
+    """Torch twin of :func:`compress.kernels.quant_matmul.lut_matmul` (``path`` as in :func:`quant_matmul`)."""
     check_path(path)
     w = make_packed_weight(
         weight_packed, weight_scale, None, codebook, bits=bits, group_size=group_size, in_features=in_features
@@ -287,7 +287,7 @@ def dequantize(
     in_features: int,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Torch twin of :func:`kernels.quant_matmul.dequantize`: the dense ``[N, K]`` weight."""
+    """Torch twin of :func:`compress.kernels.quant_matmul.dequantize`: the dense ``[N, K]`` weight."""
     w = make_packed_weight(
         weight_packed, weight_scale, weight_zero_point, None, bits=bits, group_size=group_size, in_features=in_features
     )
@@ -304,7 +304,7 @@ def lut_dequantize(
     in_features: int,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Torch twin of :func:`kernels.quant_matmul.lut_dequantize`: the dense ``[N, K]`` weight."""
+    """Torch twin of :func:`compress.kernels.quant_matmul.lut_dequantize`: the dense ``[N, K]`` weight."""
     w = make_packed_weight(
         weight_packed, weight_scale, None, codebook, bits=bits, group_size=group_size, in_features=in_features
     )

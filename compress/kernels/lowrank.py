@@ -5,8 +5,8 @@
 with one shared basis ``U`` and read the same input, computing the rank-space activations once
 for all of them.
 
-Each call goes to the Triton kernels (:mod:`kernels.lowrank_triton`) or to the plain-torch twin
-(:mod:`kernels.lowrank_torch`) by :func:`kernels._triton.use_triton`: Triton for CUDA tensors, the
+Each call goes to the Triton kernels (:mod:`compress.kernels.lowrank_triton`) or to the plain-torch twin
+(:mod:`compress.kernels.lowrank_torch`) by :func:`compress.kernels._triton.use_triton`: Triton for CUDA tensors, the
 twin on CPU, overridable with ``COMPRESS_KERNELS``. Triton is imported only when chosen.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from kernels import lowrank_torch as _torch
-from kernels._triton import use_triton
+from compress.kernels import lowrank_torch as _torch
+from compress.kernels._triton import use_triton
 
 
 def lowrank_matmul(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -32,7 +32,7 @@ def lowrank_matmul(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) 
         ``x.dtype``, as ``(x @ U)`` would be).
     """
     if use_triton(x):
-        from kernels import lowrank_triton
+        from compress.kernels import lowrank_triton
 
         return lowrank_triton.lowrank_matmul(x, U, V, bias)
     return _torch.lowrank_matmul(x, U, V, bias)
@@ -53,7 +53,7 @@ def shared_basis_matmul(
         of the last dim still works).
     """
     if use_triton(x):
-        from kernels import lowrank_triton
+        from compress.kernels import lowrank_triton
 
         return lowrank_triton.shared_basis_matmul(x, U, Vs, biases)
     return _torch.shared_basis_matmul(x, U, Vs, biases)

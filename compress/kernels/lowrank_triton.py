@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.lowrank_torch import check_lowrank_args
-from kernels.quant_matmul_triton import dot_mode, mma
+from compress.kernels.lowrank_torch import check_lowrank_args
+from compress.kernels.quant_matmul_triton import dot_mode, mma
 
 HOIST_MAX_RANK = 64
 """Largest rank whose whole ``T`` tile is held in registers (provisional, not measured)."""
@@ -172,7 +172,7 @@ def _rows(x: Tensor) -> Tensor:
 def shared_basis_matmul(
     x: Tensor, U: Tensor, Vs: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None
 ) -> list[Tensor]:
-    """Triton implementation of :func:`kernels.lowrank.shared_basis_matmul`.
+    """Triton implementation of :func:`compress.kernels.lowrank.shared_basis_matmul`.
 
     The ``V``s (and biases, zeros standing in for missing ones) are concatenated along N, so one
     launch computes each rank tile once for all of them; the outputs are views into one buffer.
@@ -194,5 +194,5 @@ def shared_basis_matmul(
 
 
 def lowrank_matmul(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Triton implementation of :func:`kernels.lowrank.lowrank_matmul`."""
+    """Triton implementation of :func:`compress.kernels.lowrank.lowrank_matmul`."""
     return shared_basis_matmul(x, U, [V], [bias])[0]

@@ -3,12 +3,12 @@
 Public entry points (the runtime ``QuantLinear`` module calls these):
 
 * :func:`quant_matmul` / :func:`dequantize` — the compressed-tensors ``pack-quantized`` layout
-  (signed codes, optional packed zero point; see :mod:`kernels.packing`);
+  (signed codes, optional packed zero point; see :mod:`compress.kernels.packing`);
 * :func:`lut_matmul` / :func:`lut_dequantize` — the same packing, but each code is an unsigned
   index into a per-layer fp32 codebook (non-uniform grids): ``w = codebook[idx] * scale``.
 
-Each call goes to the Triton kernels (:mod:`kernels.quant_matmul_triton`) or to the plain-torch
-twin (:mod:`kernels.quant_matmul_torch`) by :func:`kernels._triton.use_triton`: Triton for CUDA
+Each call goes to the Triton kernels (:mod:`compress.kernels.quant_matmul_triton`) or to the plain-torch
+twin (:mod:`compress.kernels.quant_matmul_torch`) by :func:`compress.kernels._triton.use_triton`: Triton for CUDA
 tensors, the twin on CPU, overridable with ``COMPRESS_KERNELS``. Triton is imported only when
 the Triton backend is actually chosen, so this module imports without it.
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import quant_matmul_torch as _torch
-from kernels._triton import use_triton
+from compress.kernels import quant_matmul_torch as _torch
+from compress.kernels._triton import use_triton
 
 # Crossover thresholds of path="auto". PROVISIONAL: these are guesses, not measurements; they
 # stand until the kernel benchmark measures the crossovers on a GPU.
@@ -52,7 +52,7 @@ def path_label(x: Tensor, n: int, k: int) -> str:
 
     ``"triton <path>"`` on the Triton backend (``"triton-interpreter <path>"`` under
     ``TRITON_INTERPRET=1``), else ``"torch twin · planes"`` or ``"torch twin · dequant+matmul"``
-    (the twin's own split at :data:`kernels.quant_matmul_torch.PLANES_MAX_M` rows).
+    (the twin's own split at :data:`compress.kernels.quant_matmul_torch.PLANES_MAX_M` rows).
     """
     m = x.numel() // k if k else 0
     if use_triton(x):
@@ -92,7 +92,7 @@ def quant_matmul(
     """
     kwargs = dict(bits=bits, group_size=group_size, in_features=in_features, bias=bias, path=path)
     if use_triton(x):
-        from kernels import quant_matmul_triton
+        from compress.kernels import quant_matmul_triton
 
         return quant_matmul_triton.quant_matmul(x, weight_packed, weight_scale, weight_zero_point, **kwargs)
     return _torch.quant_matmul(x, weight_packed, weight_scale, weight_zero_point, **kwargs)
@@ -118,7 +118,7 @@ def lut_matmul(
     """
     kwargs = dict(bits=bits, group_size=group_size, in_features=in_features, bias=bias, path=path)
     if use_triton(x):
-        from kernels import quant_matmul_triton
+        from compress.kernels import quant_matmul_triton
 
         return quant_matmul_triton.lut_matmul(x, weight_packed, codebook, weight_scale, **kwargs)
     return _torch.lut_matmul(x, weight_packed, codebook, weight_scale, **kwargs)
@@ -137,7 +137,7 @@ def dequantize(
     """The dense ``[N, K]`` weight of a ``pack-quantized`` tensor in ``dtype`` (decoded in fp32)."""
     kwargs = dict(bits=bits, group_size=group_size, in_features=in_features, dtype=dtype)
     if use_triton(weight_packed):
-        from kernels import quant_matmul_triton
+        from compress.kernels import quant_matmul_triton
 
         return quant_matmul_triton.dequantize(weight_packed, weight_scale, weight_zero_point, **kwargs)
     return _torch.dequantize(weight_packed, weight_scale, weight_zero_point, **kwargs)
@@ -156,7 +156,7 @@ def lut_dequantize(
     """The dense ``[N, K]`` weight of a lookup-table quantized tensor in ``dtype``."""
     kwargs = dict(bits=bits, group_size=group_size, in_features=in_features, dtype=dtype)
     if use_triton(weight_packed):
-        from kernels import quant_matmul_triton
+        from compress.kernels import quant_matmul_triton
 
         return quant_matmul_triton.lut_dequantize(weight_packed, codebook, weight_scale, **kwargs)
     return _torch.lut_dequantize(weight_packed, codebook, weight_scale, **kwargs)

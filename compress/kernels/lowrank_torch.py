@@ -39,7 +39,7 @@ def _rows(x: Tensor) -> Tensor:
 def shared_basis_matmul(
     x: Tensor, U: Tensor, Vs: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None
 ) -> list[Tensor]:
-    """Torch twin of :func:`kernels.lowrank.shared_basis_matmul`: ``[(x @ U) @ V_i + b_i]``."""
+    """Torch twin of :func:`compress.kernels.lowrank.shared_basis_matmul`: ``[(x @ U) @ V_i + b_i]``."""
     biases = [None] * len(Vs) if biases is None else list(biases)
     check_lowrank_args(x, U, Vs, biases)
     dtype = x.dtype
@@ -62,5 +62,5 @@ def shared_basis_matmul(
 
 
 def lowrank_matmul(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Torch twin of :func:`kernels.lowrank.lowrank_matmul`: ``(x @ U) @ V + bias``."""
+    """Torch twin of :func:`compress.kernels.lowrank.lowrank_matmul`: ``(x @ U) @ V + bias``."""
     return shared_basis_matmul(x, U, [V], [bias])[0]

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._triton import interpreting
-from kernels.quant_matmul_torch import PackedWeight, check_activation, check_path, make_packed_weight
+from compress.kernels._triton import interpreting
+from compress.kernels.quant_matmul_torch import PackedWeight, check_activation, check_path, make_packed_weight
 
 MODE_SYM, MODE_ASYM, MODE_LUT = 0, 1, 2
 _MODES = {"sym": MODE_SYM, "asym": MODE_ASYM, "lut": MODE_LUT}
@@ -45,7 +45,7 @@ GEMV_TARGET_PROGRAMS = 256
 @triton.jit
 def _stream_codes(base, idx, stride, mask, BITS: tl.constexpr):
     """Unsigned codes ``idx`` of a dense ``BITS``-wide stream whose int32 word ``w`` is at
-    ``base + w * stride`` (see :mod:`kernels.packing`): code ``i`` starts at bit ``i * BITS``.
+    ``base + w * stride`` (see :mod:`compress.kernels.packing`): code ``i`` starts at bit ``i * BITS``.
 
     For 2/4/8 bits a code lies in one word; for 3 bits a code whose low part fills the top of
     one word takes its high part from the bottom of the next, so a second (masked) load is made.
@@ -334,7 +334,7 @@ def launch_dequant(
 
 def _matmul(x: Tensor, w: PackedWeight, bias: Tensor | None, path: str) -> Tensor:
     """Run the chosen path on ``x [..., K]`` and return ``[..., N]`` in ``x.dtype``."""
-    from kernels.quant_matmul import choose_path  # the thresholds live with the dispatcher
+    from compress.kernels.quant_matmul import choose_path  # the thresholds live with the dispatcher
 
     check_path(path)
     check_activation(x, w.in_features)
@@ -361,7 +361,7 @@ def quant_matmul(
     x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None, *,
     bits: int, group_size: int, in_features: int, bias: Tensor | None = None, path: str = "auto",
 ) -> Tensor:
-    """Triton implementation of :func:`kernels.quant_matmul.quant_matmul`."""
+    """Triton implementation of :func:`compress.kernels.quant_matmul.quant_matmul`."""
     w = make_packed_weight(
         weight_packed, weight_scale, weight_zero_point, None, bits=bits, group_size=group_size, in_features=in_features
     )
@@ -372,7 +372,7 @@ def lut_matmul(
     x: Tensor, weight_packed: Tensor, codebook: Tensor, weight_scale: Tensor, *,
     bits: int, group_size: int, in_features: int, bias: Tensor | None = None, path: str = "auto",
 ) -> Tensor:
-    """Triton implementation of :func:`kernels.quant_matmul.lut_matmul`."""
+    """Triton implementation of :func:`compress.kernels.quant_matmul.lut_matmul`."""
     w = make_packed_weight(
         weight_packed, weight_scale, None, codebook, bits=bits, group_size=group_size, in_features=in_features
     )
@@ -383,7 +383,7 @@ def dequantize(
     weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None, *,
     bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Triton implementation of :func:`kernels.quant_matmul.dequantize`."""
+    """Triton implementation of :func:`compress.kernels.quant_matmul.dequantize`."""
     w = make_packed_weight(
         weight_packed, weight_scale, weight_zero_point, None, bits=bits, group_size=group_size, in_features=in_features
     )
@@ -394,7 +394,7 @@ def lut_dequantize(
     weight_packed: Tensor, codebook: Tensor, weight_scale: Tensor, *,
     bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Triton implementation of :func:`kernels.quant_matmul.lut_dequantize`."""
+    """Triton implementation of :func:`compress.kernels.quant_matmul.lut_dequantize`."""
     w = make_packed_weight(
         weight_packed, weight_scale, None, codebook, bits=bits, group_size=group_size, in_features=in_features
     )
