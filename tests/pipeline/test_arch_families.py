@@ -36,6 +36,8 @@ CASES = {
     # learned NUPES: every family's block call (rotary, masks, positional args) through the learner
     "nupes W4 learned": ([{"pass": "nupes", "config": {"bits": 4, "group_size": 32, "init": "gptq", "learn": True,
                                                         "steps": 4}}], "lut", 0.2),
+    # ε close to 1 makes every role's layers one cluster: the shared-basis path in every family
+    "svd_cluster 0.9": ([{"pass": "svd_cluster", "config": {"ratio": 0.9, "error": 0.99}}], "lowrank-shared", 0.75),
 }
 
 
@@ -44,7 +46,7 @@ CASES = {
 SENSITIVITY = {"gemma2": 2.0, "gemma3_text": 2.0}
 REFUSED = {("opt", "slicegpt"): True, ("bert", "slicegpt"): True, ("gemma2", "slicegpt"): True,
            ("gemma3_text", "slicegpt"): True, ("phi3", "structprune"): True,
-           ("bert", "structprune"): True}
+           ("bert", "structprune"): True, ("phi3", "svd_cluster"): True}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,552 @@
+"""Concatenated-SVD clustering (``compress share``): error-bounded shared low-rank bases across layers.
+
+For each role (q, k, v, gate, up by default; o and down on request) the weights of every layer
+are whitened by one role-wide input Gram (the average of the layers' trace-normalised Grams),
+transposed to ``A_l = Lᵀ W_lᵀ [in, out]`` and scaled to unit norm, so a cluster's relative error
+is the RMS of its members' relative output errors in that metric. The greedy clustering of
+:mod:`compress.algos.concat_svd` groups layers whose joint rank-``r`` error stays under the
+threshold; every final cluster is confirmed by an exact SVD.
+
+* A cluster of several layers becomes one shared basis ``B = L⁻ᵀ U_k Σ_k^½ [in, k]`` (stored once,
+  manifest ``shared`` group) and one coefficient matrix per layer, refitted in that layer's own
+  input metric (``C = (BᵀGB)⁻¹BᵀGWᵀ``); the module is ``lowrank-shared``.
+* A singleton becomes a per-layer whitened SVD (SVD-LLM, the ``lowrank`` kind), or stays dense
+  when low rank does not pay.
+
+Ranks: with ``ratio`` the targeted linears of each role get ``ratio`` of their parameters in total,
+spread over its clusters and singletons by captured energy per parameter; with ``error`` alone
+every cluster and singleton takes the smallest rank whose error is at most ``error``.
+``grouping: pairs`` replaces the clustering by fixed contiguous groups (Basis Sharing's default)
+with the budget split evenly, as a baseline.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import BaseModel, Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from compress.algos import concat_svd as cs
+from compress.algos import svd
+from compress.errors import CompressError
+from compress.modules.kinds import model_shared
+from compress.modules.lowrank import LowRankLinear, SharedBasisLinear
+from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
+from compress.pipeline.stats import group_first
+from compress.registry import register_pass
+from compress.report import LayerRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from compress.arch import Adapter
+    from compress.calib.pipeline import LayerContext
+    from compress.pipeline.contexts import RunContext
+    from compress.pipeline.memory import MemoryShape
+    from compress.pipeline.shapes import ShapePlan
+    from compress.pipeline.stats import BlockStats
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+DEFAULT_ROLES = ("q", "k", "v", "gate", "up")
+
+
+class SvdClusterConfig(PassConfig):
+    """Shared low-rank bases for clusters of same-role linears across layers.
+
+    Args:
+        error: the clustering threshold ε in (0, 1) on a cluster's relative (whitened) rank-r
+            error; alone, it also sets every rank (the smallest meeting ε).
+        ratio: parameter budget in (0, 1]: the targeted linears keep at most this fraction of
+            their parameters (bases counted once). Without ``error`` the threshold is the median
+            per-layer error at the per-layer rank of that budget.
+        estimator: how a candidate cluster's error is judged: ``approx`` (incremental truncated
+            Gram), ``residual`` or ``maxnorm`` (provable upper bounds).
+        roles: which linears share, role by role (default q, k, v, gate, up where the family has
+            them; o and down on request); comma-separated on the command line.
+        sorting: candidate order: ``residual`` (closest to the seed's subspace first) or ``norm``.
+        patience: after this many singletons in a row the rest stay per-layer.
+        oversample: extra eigenpairs the ``approx`` estimator keeps (p).
+        grouping: ``cluster`` (the search) or ``pairs`` (fixed contiguous groups, the baseline).
+        group_size: layers per group with ``grouping: pairs``.
+        refit: per-layer coefficients by least squares in each layer's own input metric
+            (otherwise the projection onto the shared basis).
+        damp: Gram damping, fraction of the mean diagonal.
+        propagate: what calibrates the coefficients and per-layer factors of block i:
+            ``compressed`` inputs (a forward through the blocks already shared) or the ``dense`` scan.
+        single_layer: a one-layer model has nothing to share: ``refuse`` it, or factor each
+            linear on its own (``lowrank``).
+
+    Example:
+        ``{pass: svd_cluster, config: {ratio: 0.8}}``
+    """
+
+    error: float | None = Field(None, gt=0.0, lt=1.0, description="cluster error threshold ε in (0, 1)")
+    ratio: float | None = Field(None, gt=0.0, le=1.0, description="parameter budget in (0, 1]")
+    estimator: cs.EstimatorName = Field("approx", description="approx | residual | maxnorm")
+    roles: list[str] | None = Field(None, description="roles that share, e.g. q,k,v,gate,up (default)")
+    sorting: cs.Sorting = Field("residual", description="candidate order: residual | norm")
+    patience: int = Field(10, ge=1, le=1000, description="singletons in a row before the rest stay per-layer")
+    oversample: int = Field(5, ge=0, le=4096, description="extra eigenpairs of the approx estimator")
+    grouping: Literal["cluster", "pairs"] = Field("cluster", description="cluster search or fixed contiguous groups")
+    group_size: int = Field(2, ge=2, le=1024, description="layers per group with grouping: pairs")
+    refit: bool = Field(True, description="least-squares coefficients in each layer's own input metric")
+    damp: float = Field(1e-4, ge=0.0, le=10.0, description="Gram damping, fraction of mean diagonal")
+    propagate: Literal["compressed", "dense"] = Field("compressed", description=(
+        "inputs that fit coefficients and per-layer factors: compressed or dense"))
+    single_layer: Literal["refuse", "lowrank"] = Field("refuse", description=(
+        "a one-layer model: refuse, or per-layer low rank"))
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _split_roles(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            out = [r.strip() for item in v for r in str(item).split(",") if r.strip()]
+            unknown = [r for r in out if r not in ROLES]
+            if unknown:
+                raise ValueError(f"unknown role {unknown[0]!r} (choose from {', '.join(ROLES)})")
+            if len(set(out)) != len(out) or not out:
+                raise ValueError("roles must be distinct and not empty")
+            return out
+        return v
+
+    @model_validator(mode="after")
+    def _rules(self) -> SvdClusterConfig:
+        if self.error is None and self.ratio is None:
+            raise ValueError("set error (a threshold) and/or ratio (a parameter budget)")
+        if self.targets or self.ignore:
+            raise ValueError("svd_cluster selects linears by roles, not targets/ignore")
+        if self.grouping == "pairs" and self.ratio is None:
+            raise ValueError("grouping pairs splits a parameter budget: set ratio")
+        if self.group_size != 2 and self.grouping != "pairs":
+            raise ValueError("group_size applies to grouping pairs only")
+        return self
+
+
+# -- the plan ------------------------------------------------------------------------------------
+class UnitPlan(BaseModel):
+    """One cluster (kind ``shared``) or singleton (``lowrank`` or ``dense``) of one role."""
+
+    role: str
+    layers: list[int]
+    kind: Literal["shared", "lowrank", "dense"]
+    rank: int | None
+    basis: str | None = None
+    #: the estimator's error of the cluster at the clustering rank (None for fixed groups)
+    estimated_error: float | None = None
+    #: the exact error of the cluster at the clustering rank
+    exact_error: float | None = None
+    #: the exact whitened relative error at the final rank (0 for dense)
+    error: float = 0.0
+    params: int
+    dense_params: int
+
+
+class RolePlan(BaseModel):
+    """How one role was clustered: threshold, clustering rank and what the search cost."""
+
+    role: str
+    linear: str
+    in_features: int
+    out_features: int
+    cluster_rank: int
+    threshold: float
+    clusters: int
+    shared_layers: int
+    seconds: float
+    evaluations: int
+    exact_svds: int
+    svds_avoided: int
+
+
+class SvdClusterPlan(BaseModel):
+    """The whole model's clusters and ranks (``plan.json``)."""
+
+    mode: Literal["ratio", "error"]
+    ratio: float | None
+    error: float | None
+    estimator: str
+    grouping: str
+    roles: list[RolePlan]
+    units: list[UnitPlan]
+    params: int
+    dense_params: int
+
+    def unit(self, role: str, layer: int) -> UnitPlan:
+        return next(u for u in self.units if u.role == role and layer in u.layers)
+
+    def summary(self) -> list[str]:
+        """What ``compress plan`` prints: per role the clusters found and their cost."""
+        rule = f"ratio {self.ratio:g}" if self.ratio is not None else f"error {self.error:g}"
+        lines = [f"svd_cluster ({self.grouping}, {self.estimator}, {rule}): {self.params:,} of "
+                 f"{self.dense_params:,} parameters ({self.params / max(1, self.dense_params):.3f})"]
+        for r in self.roles:
+            units = [u for u in self.units if u.role == r.role]
+            shared = [u for u in units if u.kind == "shared"]
+            desc = ", ".join(f"{{{','.join(map(str, u.layers))}}} r{u.rank}" for u in shared[:8])
+            more = f" (+{len(shared) - 8} more)" if len(shared) > 8 else ""
+            lines.append(f"  {r.role}: threshold {r.threshold:.3f} at rank {r.cluster_rank}; "
+                         f"{len(shared)} shared cluster(s) over {r.shared_layers} layers {desc}{more}; "
+                         f"{sum(u.kind == 'lowrank' for u in units)} per-layer low rank, "
+                         f"{sum(u.kind == 'dense' for u in units)} dense; {r.seconds:.1f} s, "
+                         f"{r.svds_avoided} exact SVDs avoided")
+        return lines
+
+
+@dataclass
+class _Role:
+    """One role's statistics across layers: weights ``[out, in]`` and their input Grams."""
+
+    name: str
+    linear: str
+    weights: list[Tensor]
+    grams: list[Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, in_f = self.weights[0].shape
+        return int(out), int(in_f)
+
+
+def resolve_roles(config: SvdClusterConfig, adapter: Adapter) -> list[str]:
+    """The roles this run shares: the config's, or the defaults the family has."""
+    if config.roles is not None:
+        return list(config.roles)
+    return [r for r in DEFAULT_ROLES if r in adapter.roles]
+
+
+def _gram_key(adapter: Adapter, linear: str) -> str:
+    return "gram:" + group_first(adapter, linear)
+
+
+# -- the pass ---------------------------------------------------------------------------------------
+@register_pass("svd_cluster", SvdClusterConfig, needs_calibration=True, cli_name="share",
+               summary="concatenated-SVD clustering: shared low-rank bases across layers under an error bound",
+               examples=("compress share smollm2-135m --ratio 0.8 -o out/share80",
+                         "compress share smollm2-135m --error 0.3 --estimator residual -o out/share",
+                         "compress share smollm2-135m --ratio 0.8 --roles q,k,v,gate,up,o,down -o out/s"))
+class SvdClusterPass(Pass):
+    """Scan (Grams + weights), plan (cluster, rank), apply (install shared and per-layer factors)."""
+
+    config: SvdClusterConfig
+
+    def check_input(self, adapter: Adapter, manifest: dict) -> None:
+        if manifest.get("modules") or manifest.get("transforms"):
+            raise CompressError("svd_cluster needs a dense checkpoint (this one is already compressed)",
+                                "share bases first, then quantise other linears")
+        roles = resolve_roles(self.config, adapter)
+        missing = [r for r in roles if r not in adapter.roles]
+        if missing or not roles:
+            have = [r for r in ROLES if r in adapter.roles]
+            what = missing[0] if missing else "q/k/v/gate/up"
+            raise CompressError(f"{adapter.name} blocks have no separate {what} linear to share (fused or absent)",
+                                "choose --roles from " + (", ".join(have) or "(none)"))
+
+    def needs(self) -> Needs:
+        return Needs(scan=True, plan=True, activations=self.config.propagate == "compressed")
+
+    def statistic(self) -> Statistic:
+        return Statistic("svd-cluster-scan", 1, {"roles": self.config.roles or list(DEFAULT_ROLES)})
+
+    def scan_layer(self, ctx: LayerContext) -> dict[str, Tensor]:
+        """The dense block's input Grams (float64) of every role's input, and the roles' weights."""
+        a = ctx.adapter
+        linears = {r: a.roles[r] for r in resolve_roles(self.config, a)}
+        ctx.hessian_dtype = torch.float64
+        grams = ctx.collect(sorted({group_first(a, lin) for lin in linears.values()}), propagate=True)
+        out = {"gram:" + k: g for k, g in grams.items()}
+        for r, lin in linears.items():
+            out["weight:" + r] = ctx.module(lin).weight.detach().to(torch.float32)
+        return out
+
+    # -- plan ------------------------------------------------------------------------------------
+    def plan(self, stats: BlockStats, run: RunContext) -> SvdClusterPlan:
+        n = stats.n_blocks
+        if n < 2 and self.config.single_layer == "refuse":
+            raise CompressError("the model has one layer: there is nothing to share across layers",
+                                "use compress lowrank, or pass --single-layer lowrank")
+        blocks = []
+        for i in range(n):
+            b = stats.block(i)
+            if b is None:
+                raise CompressError(f"the scan statistics of block {i} are missing", "run again (or with --no-cache)")
+            blocks.append({k: t.cpu() for k, t in b.items()})
+        a = run.adapter
+        roles, units = [], []
+        self._bases: dict[str, Tensor] = {}
+        for r in resolve_roles(self.config, a):
+            lin = a.roles[r]
+            data = _Role(r, lin, [b["weight:" + r].double() for b in blocks], [b[_gram_key(a, lin)] for b in blocks])
+            role_plan, role_units = self._plan_role(data)
+            roles.append(role_plan)
+            units.extend(role_units)
+        return SvdClusterPlan(mode="ratio" if self.config.ratio is not None else "error", ratio=self.config.ratio,
+                              error=self.config.error, estimator=self.config.estimator, grouping=self.config.grouping,
+                              roles=roles, units=units, params=sum(u.params for u in units),
+                              dense_params=sum(u.dense_params for u in units))
+
+    def _plan_role(self, role: _Role) -> tuple[RolePlan, list[UnitPlan]]:
+        """Cluster one role's layers, choose every unit's rank and keep the shared bases."""
+        c = self.config
+        out_f, in_f = role.shape
+        L = svd.whitening(cs.mean_gram(role.grams), c.damp)
+        A = [L.L.T @ W.T for W in role.weights]  # [in, out] whitened by the role-wide metric
+        A = [x / x.norm().clamp_min(1e-300) for x in A]
+        own = [_own_spectrum(W, G, c.damp) for W, G in zip(role.weights, role.grams)]
+        spectra = [_joint_sigma([x]) for x in A]
+        r0, eps = self._threshold(in_f, out_f, spectra)
+        t0 = time.perf_counter()
+        if c.grouping == "pairs" or len(A) < 2:
+            groups = cs.contiguous_groups(len(A), c.group_size if len(A) >= 2 else 1)
+            found = cs.Clustering([cs.Cluster(g, float("nan"), cs.exact_error([A[j] for j in g], r0))
+                                   for g in groups], r0, eps, "fixed")
+        else:
+            found = cs.cluster_blocks(A, r0, eps, estimator=c.estimator, sorting=c.sorting,
+                                      patience=c.patience, oversample=c.oversample)
+        seconds = time.perf_counter() - t0
+        units = self._units(role, found)
+        self._rank_units(units, in_f, out_f, A, own)
+        for u in units:
+            if u.kind == "shared":
+                self._bases[u.basis] = _basis(L, [A[j] for j in u.layers], u.rank)  # type: ignore[index]
+        shared = [u for u in units if u.kind == "shared"]
+        plan = RolePlan(role=role.name, linear=role.linear, in_features=in_f, out_features=out_f, cluster_rank=r0,
+                        threshold=eps, clusters=len(shared), shared_layers=sum(len(u.layers) for u in shared),
+                        seconds=seconds, evaluations=found.evaluations, exact_svds=found.exact_svds,
+                        svds_avoided=found.svds_avoided)
+        return plan, units
+
+    def _threshold(self, in_f: int, out_f: int, spectra: list[Tensor]) -> tuple[int, float]:
+        """The clustering rank and threshold of a role: with ``ratio`` the per-layer rank of the
+        budget (threshold ``error``, else the median per-layer error at that rank); with
+        ``error`` alone the smallest rank whose median per-layer error meets it."""
+        c = self.config
+        if c.ratio is not None:
+            r0 = svd.rank_for_ratio(in_f, out_f, c.ratio) or 1
+            eps = c.error if c.error is not None else statistics.median(_tail(s, r0) for s in spectra)
+            return r0, float(min(max(eps, 1e-6), 1 - 1e-9))
+        assert c.error is not None
+        for r0 in range(1, min(in_f, out_f) + 1):
+            if statistics.median(_tail(s, r0) for s in spectra) <= c.error:
+                return r0, c.error
+        return min(in_f, out_f), c.error
+
+    def _units(self, role: _Role, found: cs.Clustering) -> list[UnitPlan]:
+        out_f, in_f = role.shape
+        units = []
+        for k, cl in enumerate(found.clusters):
+            layers = sorted(cl.members)
+            shared = len(layers) > 1
+            est = None if cl.estimated != cl.estimated else float(cl.estimated)  # NaN: fixed groups
+            units.append(UnitPlan(role=role.name, layers=layers, kind="shared" if shared else "lowrank", rank=None,
+                                  basis=f"svd_{role.name}_{k}" if shared else None, estimated_error=est,
+                                  exact_error=float(cl.exact), params=0, dense_params=len(layers) * in_f * out_f))
+        return units
+
+    def _rank_units(self, units: list[UnitPlan], in_f: int, out_f: int, A: list[Tensor], own: list[Tensor]) -> None:
+        """Ranks by budget (``ratio``) or by threshold (``error``); a unit that would not be smaller
+        than dense stays dense (singletons) or is refused its sharing (clusters split)."""
+        c = self.config
+        spectra = [_joint_sigma([A[j] for j in u.layers]) if u.kind == "shared"
+                   else own[u.layers[0]] / own[u.layers[0]].norm().clamp_min(1e-300) for u in units]
+        costs = [in_f + len(u.layers) * out_f for u in units]
+        caps = [_max_rank(in_f, len(u.layers) * out_f) for u in units]
+        if c.grouping == "pairs":
+            assert c.ratio is not None
+            ranks = [min(cap, int(c.ratio * u.dense_params / cost + 1e-9)) for u, cost, cap in zip(units, costs, caps)]
+        elif c.ratio is not None:
+            budget = int(c.ratio * sum(u.dense_params for u in units))
+            try:
+                ranks = cs.allocate_ranks(spectra, costs, budget, max_ranks=caps)
+            except ValueError as e:
+                raise CompressError(f"--ratio {c.ratio}: {e}", "raise --ratio") from None
+        else:
+            assert c.error is not None
+            ranks = [_rank_for_error(s, c.error) for s in spectra]
+        for u, s, r, cost, cap in zip(units, spectra, ranks, costs, caps):
+            if r < 1 or r > cap:
+                u.kind, u.rank, u.basis, u.params, u.error = "dense", None, None, u.dense_params, 0.0
+            else:
+                u.rank, u.params, u.error = r, r * cost, _tail(s, r)
+
+    # -- apply -----------------------------------------------------------------------------------
+    def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
+        plan = run.plan
+        assert isinstance(plan, SvdClusterPlan)
+        a = ctx.adapter
+        roles = [r.role for r in plan.roles]
+        if self.config.propagate == "compressed":
+            firsts = sorted({group_first(a, a.roles[r]) for r in roles})
+            grams = {"gram:" + k: g for k, g in ctx.collect(firsts).items()}
+        else:
+            assert ctx.stats is not None
+            grams = ctx.stats
+        return [self._install(ctx, run, plan.unit(r, ctx.index), grams[_gram_key(a, a.roles[r])]) for r in roles]
+
+    def _install(self, ctx: LayerContext, run: RunContext, unit: UnitPlan, G: Tensor) -> LayerRecord:
+        t0 = time.perf_counter()
+        rel = ctx.adapter.roles[unit.role]
+        dense = ctx.module(rel)
+        W = dense.weight.detach()
+        full = ctx.prefix + rel
+        record = dict(stage=self.name, layer=ctx.index, module=full)
+        if unit.kind == "dense":
+            nbytes = W.numel() * W.element_size()
+            return LayerRecord(**record, kind="dense", bits=8.0 * W.element_size(), error=0.0, weight_error=0.0,
+                               time_s=time.perf_counter() - t0, bytes=nbytes, params=W.numel(),
+                               extra={"reason": "low-rank factors would not be smaller than the dense weight"})
+        assert unit.rank is not None
+        extra: dict[str, float | int | str] = {"rank": unit.rank, "whitened_error": unit.error}
+        if unit.kind == "lowrank":
+            fac = svd.factors(svd.spectrum(W, svd.whitening(G, self.config.damp)), unit.rank)
+            mod: nn.Module = LowRankLinear.from_factors(fac.U, fac.V, dense.bias, W.dtype)
+            W_r, own = fac.weight(), [mod.U, mod.V]
+        else:
+            mod, W_r, own, basis_bytes = self._shared_module(run, unit, dense, G)
+            extra.update({"basis": unit.basis or "", "members": ",".join(map(str, unit.layers))})
+            if basis_bytes:
+                extra["shared_bytes"] = basis_bytes
+        ctx.replace(rel, mod)
+        if dense.bias is not None:
+            own = [*own, dense.bias]
+        nbytes = sum(t.numel() * t.element_size() for t in own) + int(extra.get("shared_bytes", 0))
+        params = sum(t.numel() for t in own)
+        kind = "lowrank" if unit.kind == "lowrank" else "lowrank-shared"
+        return LayerRecord(**record, kind=kind, bits=8 * nbytes / W.numel(),
+                           error=svd.relative_output_error(W, W_r, G),
+                           weight_error=svd.relative_weight_error(W, W_r), time_s=time.perf_counter() - t0,
+                           bytes=nbytes, params=params, extra=extra)
+
+    def _shared_module(self, run: RunContext, unit: UnitPlan, dense: nn.Linear,
+                       G: Tensor) -> tuple[nn.Module, Tensor, list[Tensor], int]:
+        """The ``lowrank-shared`` module of one member; the basis is stored at its first member."""
+        assert unit.basis is not None and unit.rank is not None
+        W = dense.weight.detach()
+        B = self._bases[unit.basis].to(W.device)  # [in, k] float64
+        basis_bytes = 0
+        if unit.basis not in run.shared:
+            holder = run.add_shared(unit.basis, {"U": B.to(W.dtype).contiguous()})
+            basis_bytes = B.numel() * W.element_size()
+        else:
+            holder = model_shared(run.model)
+            assert holder is not None
+        Bq = holder.get(unit.basis, "U").to(torch.float64)  # the basis as stored
+        if self.config.refit:
+            C = cs.refit_coefficients(Bq, W, G)  # [k, out]
+        else:
+            C = torch.linalg.lstsq(Bq, W.T.to(torch.float64)).solution  # plain projection
+        if not torch.isfinite(C).all():
+            raise CompressError(f"the coefficients of {unit.role} in layer(s) {unit.layers} are not finite",
+                                "raise --damp")
+        mod = SharedBasisLinear(dense.in_features, dense.out_features, unit.rank, unit.basis, holder,
+                                bias=dense.bias is not None, dtype=W.dtype, device=W.device)
+        mod.V.data = C.to(W.dtype).contiguous()
+        if dense.bias is not None:
+            mod.bias.data = dense.bias.detach().clone()  # type: ignore[union-attr]
+        return mod, (Bq @ C).T, [mod.V], basis_bytes
+
+    # -- reports and plans -----------------------------------------------------------------------
+    def write_reports(self, run: RunContext, directory: Path) -> None:
+        """``clusters.png``: layers × roles, each shared cluster one colour with its rank."""
+        assert isinstance(run.plan, SvdClusterPlan)
+        directory.mkdir(parents=True, exist_ok=True)
+        cluster_figure(run.plan, self.scheme()).savefig(directory / "clusters.png", dpi=100)
+
+    def scheme(self) -> str:
+        c = self.config
+        rule = [f"ratio {c.ratio:g}" if c.ratio is not None else "", f"error {c.error:g}" if c.error is not None else ""]
+        return " ".join(["svd_cluster", c.grouping, c.estimator, *filter(None, rule)])
+
+    def plan_shapes(self, plan: ShapePlan, adapter: Adapter) -> None:
+        """Before the scan only ``ratio`` fixes the bytes: ``ratio`` of each targeted linear (fp32)."""
+        if self.config.ratio is None:
+            return
+        rels = {adapter.roles[r] for r in resolve_roles(self.config, adapter) if r in adapter.roles}
+        from compress.pipeline.shapes import block_relative
+
+        for name, (o, k) in plan.linears.items():
+            if name not in plan.compressed and block_relative(name, adapter) in rels:
+                plan.linear_bytes[name] = int(self.config.ratio * o * k) * 4
+                plan.compressed.add(name)
+
+    def plan_memory(self, shape: MemoryShape) -> dict[str, int]:
+        """Per block, its Grams and role weights (float64), which the plan holds for every block."""
+        return {"Grams + role weights of one block (the plan holds all blocks')": shape.gram_bytes
+                + 2 * shape.block_bytes}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _tail(sigma: Tensor, r: int) -> float:
+    """Relative rank-``r`` error from singular values: ``sqrt(Σ_{j>r} σ² / Σ σ²)``."""
+    s2 = sigma.double() ** 2
+    total = float(s2.sum())
+    return float(s2[r:].sum() / total) ** 0.5 if total > 0 else 0.0
+
+
+def _rank_for_error(sigma: Tensor, eps: float) -> int:
+    s2 = sigma.double() ** 2
+    total = float(s2.sum())
+    tail = (total - torch.cumsum(s2, 0)).clamp_min(0) / max(total, 1e-300)  # tail[r-1] = error² at rank r
+    hits = (tail <= eps * eps).nonzero()
+    return int(hits[0]) + 1 if hits.numel() else sigma.numel()
+
+
+def _max_rank(m: int, n: int) -> int:
+    """The largest rank whose factors ``r (m + n)`` are smaller than the dense ``m · n``."""
+    return max(0, min(m, n, (m * n - 1) // (m + n)))
+
+
+def _own_spectrum(W: Tensor, G: Tensor, damp: float) -> Tensor:
+    """Singular values of ``W L`` in the layer's own whitening (its per-layer SVD-LLM spectrum)."""
+    white = svd.whitening(G, damp)
+    return torch.linalg.svdvals(W.to(torch.float64) @ white.L)
+
+
+def _joint_sigma(blocks: list[Tensor]) -> Tensor:
+    """Singular values of ``[A_1 … A_c]`` from the eigenvalues of ``Σ A_i A_iᵀ [m, m]``."""
+    lam = torch.linalg.eigvalsh(sum(a @ a.T for a in blocks)).flip(0).clamp_min(0.0)  # type: ignore[arg-type]
+    return lam[: min(lam.numel(), sum(a.shape[1] for a in blocks))].sqrt()
+
+
+def _basis(L: svd.Whitening, blocks: list[Tensor], rank: int) -> Tensor:
+    """``B = L⁻ᵀ U_k Σ_k^½ [in, k]``: the cluster's top-``k`` whitened directions in input space."""
+    fac = cs.shared_factors(blocks, rank)
+    Uw = fac.U * fac.sigma[:rank].sqrt()  # [in, k]
+    return torch.linalg.solve_triangular(L.L.T, Uw, upper=True)  # Lᵀ B = U_k Σ^½
+
+
+def cluster_figure(plan: SvdClusterPlan, title: str) -> Figure:
+    """Layers × roles; each shared cluster a colour (its rank written in the cell), per-layer low
+    rank grey, dense white."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    n = 1 + max((max(u.layers) for u in plan.units), default=0)
+    roles = [r.role for r in plan.roles]
+    img = np.ones((len(roles), n, 3))
+    fig = Figure(figsize=(max(6, 0.3 * n + 2), 0.6 * len(roles) + 1.5))
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = colormaps["tab20"]
+    k = 0
+    for u in plan.units:
+        row = roles.index(u.role)
+        colour = (0.8, 0.8, 0.8) if u.kind == "lowrank" else (1.0, 1.0, 1.0)
+        if u.kind == "shared":
+            colour, k = cmap(k % 20)[:3], k + 1
+        for j in u.layers:
+            img[row, j] = colour
+            if u.rank is not None:
+                ax.text(j, row, str(u.rank), ha="center", va="center", fontsize=6)
+    ax.imshow(img, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(roles)), roles)
+    ax.set_xlabel("layer")
+    ax.set_title(f"{title}: shared clusters (colour) and ranks; grey per-layer, white dense", fontsize=9)
+    return fig
