@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -97,13 +97,15 @@ class Estimator(Protocol):
 
     def add(self, state: object, A: Tensor) -> object: ...
 
-    def error(self, state: object) -> float: ...
+    def error(self, state: object, rank: int | None = None) -> float:
+        """The estimated relative error at ``rank`` (default and maximum: the estimator's rank)."""
+        ...
 
 
 @dataclass(frozen=True)
 class MaxNormState:
     total: float  # ‖M‖_F² of every block added
-    credit: float  # E_r(seed): a lower bound on E_r(M)
+    seed: Tensor  # squared singular values of the seed, descending: E_k(seed) ≤ E_k(M)
 
 
 @dataclass
@@ -115,19 +117,25 @@ class MaxNormEstimator:
     def start(self, blocks: list[Tensor]) -> MaxNormState:
         _rows(blocks)
         seed = torch.cat([_f64(b) for b in blocks], dim=1)  # [m, Σ n_seed]
-        if seed.shape[1] <= self.rank:  # rank(seed) ≤ r: all of its energy is captured
-            credit = float((seed * seed).sum())
-        else:  # wider than r: only its own top-r energy is certain
-            lam = torch.linalg.eigvalsh(seed @ seed.T).flip(0).clamp_min(0.0)  # σ², descending
-            credit = float(lam[: self.rank].sum())
-        return MaxNormState(float((seed * seed).sum()), credit)
+        # a seed with ≤ r columns has rank ≤ r: its whole energy is captured; a wider one (a
+        # weight matrix) is credited only its own top-r energy, not its Frobenius norm
+        lam = _eigvals_desc(seed @ seed.T)[: min(seed.shape)]  # σ², descending
+        return MaxNormState(float((seed * seed).sum()), lam)
 
     def add(self, state: MaxNormState, A: Tensor) -> MaxNormState:
         A = _f64(A)
-        return MaxNormState(state.total + float((A * A).sum()), state.credit)
+        return MaxNormState(state.total + float((A * A).sum()), state.seed)
 
-    def error(self, state: MaxNormState) -> float:
-        return relative_error(state.total, state.credit)
+    def error(self, state: MaxNormState, rank: int | None = None) -> float:
+        return relative_error(state.total, float(state.seed[: _cap(rank, self.rank)].sum()))
+
+
+def _cap(rank: int | None, limit: int) -> int:
+    if rank is None:
+        return limit
+    if not 1 <= rank <= limit:
+        raise ValueError(f"rank {rank} is outside [1, {limit}] (the estimator's rank)")
+    return rank
 
 
 def _eig_desc(P: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,8 +197,8 @@ class ResidualEstimator:
         values = torch.cat([state.values, s2]).sort(descending=True).values[: self.rank]
         return ResidualState(Q, RR, values, state.total + float((A * A).sum()))
 
-    def error(self, state: ResidualState) -> float:
-        return relative_error(state.total, float(state.values.sum()))
+    def error(self, state: ResidualState, rank: int | None = None) -> float:
+        return relative_error(state.total, float(state.values[: _cap(rank, self.rank)].sum()))
 
 
 @dataclass(frozen=True)
@@ -240,8 +248,8 @@ class GramEstimator:
         P = self._kept(state) + A @ A.T  # [m, m]
         return GramState(P, _eigvals_desc(P), state.total + float((A * A).sum()))
 
-    def error(self, state: GramState) -> float:
-        return relative_error(state.total, float(state.lam[: self.rank].sum()))
+    def error(self, state: GramState, rank: int | None = None) -> float:
+        return relative_error(state.total, float(state.lam[: _cap(rank, self.rank)].sum()))
 
 
 def make_estimator(name: EstimatorName, rank: int, oversample: int = 5) -> Estimator:
@@ -261,11 +269,13 @@ def make_estimator(name: EstimatorName, rank: int, oversample: int = 5) -> Estim
 @dataclass
 class Cluster:
     """Member indices (seed first, then in the order they were added), the estimator's error of
-    the final cluster and the exact one."""
+    the final cluster and the exact one, at ``rank``, against ``threshold``."""
 
     members: list[int]
     estimated: float
     exact: float
+    rank: int = 0
+    threshold: float = 0.0
 
 
 @dataclass
@@ -273,8 +283,8 @@ class Clustering:
     """The clusters (singletons included) plus what the search cost."""
 
     clusters: list[Cluster]
-    rank: int
-    eps: float
+    rank: int  # the largest rank any cluster size gets (the estimator's)
+    eps: float | None  # None: a threshold per cluster
     estimator: str
     #: estimator updates on candidates (a plain greedy would run an exact SVD for each)
     evaluations: int = 0
@@ -323,59 +333,75 @@ def _candidates(blocks: list[Tensor], rest: list[int], seed: list[int], norms: l
     return sorted(rest, key=rel_residual)
 
 
-def cluster_blocks(blocks: list[Tensor], rank: int, eps: float, *, estimator: EstimatorName = "approx",
+RankRule = Union[int, Callable[[int], int]]
+Threshold = Union[float, Callable[[list[int]], float]]
+
+
+def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, estimator: EstimatorName = "approx",
                    sorting: Sorting = "residual", patience: int = 10, oversample: int = 5) -> Clustering:
     """Greedy error-constrained clustering of ``blocks`` (each ``[m, n_i]``).
 
     Repeatedly: seed a cluster with the largest remaining block (plus neighbours while the seed
     has ≤ ``rank`` columns), try the other remaining blocks in ``sorting`` order, add each whose
-    estimated rank-``rank`` error stays ≤ ``eps`` and stop at the first that does not. The final
-    cluster is confirmed by an exact SVD; while it fails, its last-added member goes back to the
-    pool. After ``patience`` singletons in a row every remaining block becomes a singleton.
+    estimated error stays ≤ ``eps`` and stop at the first that does not. The final cluster is
+    confirmed by an exact SVD; while it fails, its last-added member goes back to the pool.
+    After ``patience`` singletons in a row every remaining block becomes a singleton.
+
+    ``rank`` is the paper's fixed ``r`` or a rule ``t ↦ r_t`` for a cluster of ``t`` blocks (e.g.
+    the rank a cluster can afford under a parameter budget); ``eps`` is the paper's fixed ``ε``
+    or a rule ``members ↦ ε`` (e.g. what those members would reach on their own).
     """
-    if not 0.0 < eps < 1.0:
+    ranks: Callable[[int], int] = rank if callable(rank) else (lambda t: rank)  # type: ignore[misc,assignment]
+    limit: Callable[[list[int]], float] = eps if callable(eps) else (lambda members: eps)  # type: ignore[misc,assignment]
+    if not callable(eps) and not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     if patience < 1:
         raise ValueError(f"patience must be ≥ 1, got {patience}")
+    top = max((ranks(t) for t in range(1, len(blocks) + 1)), default=1)
+    fixed = None if callable(eps) else float(eps)
     if not blocks:
-        return Clustering([], rank, eps, estimator)
+        return Clustering([], top, fixed, estimator)
     _rows(blocks)
     t0 = time.perf_counter()
-    est = make_estimator(estimator, rank, oversample)
+    est = make_estimator(estimator, top, oversample)
     norms = [float(_f64(b).pow(2).sum()) for b in blocks]
     widths = [int(b.shape[1]) for b in blocks]
     grams = [_f64(b) @ _f64(b).T for b in blocks]  # [m, m] each: exact errors by eigenvalues
     remaining = sorted(range(len(blocks)), key=lambda j: (-norms[j], j))
-    result = Clustering([], rank, eps, estimator)
+    result = Clustering([], top, fixed, estimator)
 
     def exact(members: list[int]) -> float:
         result.exact_svds += 1
-        return exact_error([], rank, [grams[i] for i in members])
+        return exact_error([], ranks(len(members)), [grams[i] for i in members])
+
+    def close(members: list[int], state: object, err: float) -> None:
+        k = ranks(len(members))
+        result.clusters.append(Cluster(members, est.error(state, k), err, k, limit(members)))
 
     streak = 0
     while remaining:
         if streak >= patience:
             for j in remaining:
-                result.clusters.append(Cluster([j], est.error(est.start([blocks[j]])), exact([j])))
+                close([j], est.start([blocks[j]]), exact([j]))
             break
-        seed = _seed(remaining, widths, rank)
+        seed = _seed(remaining, widths, ranks(1))
         states = [est.start([blocks[i] for i in seed])]  # states[t]: the seed plus t added members
         members = list(seed)
-        if est.error(states[0]) <= eps:
+        if est.error(states[0], ranks(len(seed))) <= limit(seed):
             rest = [j for j in remaining if j not in seed]
-            for j in _candidates(blocks, rest, seed, norms, sorting, rank):
+            for j in _candidates(blocks, rest, seed, norms, sorting, ranks(1)):
                 trial = est.add(states[-1], blocks[j])
                 result.evaluations += 1
-                if est.error(trial) > eps:
+                if est.error(trial, ranks(len(members) + 1)) > limit([*members, j]):
                     break
                 states.append(trial)
                 members.append(j)
         err = exact(members)
-        while err > eps and len(members) > len(seed):
+        while err > limit(members) and len(members) > len(seed):
             members.pop()  # the estimator was optimistic: the last member goes back to the pool
             states.pop()
             err = exact(members)
-        result.clusters.append(Cluster(members, est.error(states[-1]), err))
+        close(members, states[-1], err)
         remaining = [j for j in remaining if j not in members]
         streak = streak + 1 if len(members) == 1 else 0
     labels = [0] * len(blocks)
@@ -408,19 +434,24 @@ class SharedFactors:
         return int(self.U.shape[1])
 
 
+def left_singular(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Left singular vectors ``U [m, n]`` and singular values ``σ [n]`` (descending,
+    ``n = min(m, Σ n_i)``) of the concatenation, from the eigenvectors of ``M Mᵀ = Σ A_i A_iᵀ``
+    (float64; the wide ``M`` is never formed)."""
+    m = _rows(blocks)
+    lam, vec = torch.linalg.eigh(sum(_f64(a) @ _f64(a).T for a in blocks))  # [m, m], ascending
+    n = min(m, sum(int(a.shape[1]) for a in blocks))
+    return vec.flip(1)[:, :n], lam.flip(0)[:n].clamp_min(0.0).sqrt()
+
+
 def shared_factors(blocks: list[Tensor], rank: int) -> SharedFactors:
     """Truncated SVD of the concatenation: the top-``rank`` left singular vectors as the shared
-    basis and each block's projection onto it as its coefficients (float64; the left factor comes
-    from the eigenvectors of ``M Mᵀ``, never forming the wide ``M``)."""
-    m = _rows(blocks)
-    A = [_f64(b) for b in blocks]
-    lam, vec = torch.linalg.eigh(sum(a @ a.T for a in A))  # M Mᵀ [m, m], ascending
-    n = min(m, sum(a.shape[1] for a in A))
-    sigma = lam.flip(0)[:n].clamp_min(0.0).sqrt()
-    if not 1 <= rank <= n:
-        raise ValueError(f"rank must be in [1, {n}], got {rank}")
-    Uk = vec.flip(1)[:, :rank]  # [m, k]: the top left singular vectors of M
-    return SharedFactors(Uk, sigma, [Uk.T @ a for a in A])
+    basis and each block's projection onto it as its coefficients (float64)."""
+    U, sigma = left_singular(blocks)
+    if not 1 <= rank <= sigma.numel():
+        raise ValueError(f"rank must be in [1, {sigma.numel()}], got {rank}")
+    Uk = U[:, :rank]  # [m, k]
+    return SharedFactors(Uk, sigma, [Uk.T @ _f64(a) for a in blocks])
 
 
 def allocate_ranks(spectra: list[Tensor], costs: list[int], budget: int, *, min_rank: int = 1,

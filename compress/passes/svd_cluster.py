@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -73,6 +73,9 @@ class SvdClusterConfig(PassConfig):
         patience: after this many singletons in a row the rest stay per-layer.
         oversample: extra eigenpairs the ``approx`` estimator keeps (p).
         grouping: ``cluster`` (the search) or ``pairs`` (fixed contiguous groups, the baseline).
+        allocation: with ``ratio``: every cluster and singleton gets the rank its share of the
+            parameters affords (``uniform``), or the role's budget goes where it captures the
+            most whitened energy per parameter (``energy``).
         group_size: layers per group with ``grouping: pairs``.
         refit: per-layer coefficients by least squares in each layer's own input metric
             (otherwise the projection onto the shared basis).
@@ -95,6 +98,8 @@ class SvdClusterConfig(PassConfig):
     oversample: int = Field(5, ge=0, le=4096, description="extra eigenpairs of the approx estimator")
     grouping: Literal["cluster", "pairs"] = Field("cluster", description="cluster search or fixed contiguous groups")
     group_size: int = Field(2, ge=2, le=1024, description="layers per group with grouping: pairs")
+    allocation: Literal["uniform", "energy"] = Field("uniform", description=(
+        "ratio: each cluster/singleton its share (uniform) or the role budget by energy per parameter"))
     refit: bool = Field(True, description="least-squares coefficients in each layer's own input metric")
     damp: float = Field(1e-4, ge=0.0, le=10.0, description="Gram damping, fraction of mean diagonal")
     propagate: Literal["compressed", "dense"] = Field("compressed", description=(
@@ -143,6 +148,8 @@ class UnitPlan(BaseModel):
     estimated_error: float | None = None
     #: the exact error of the cluster at the clustering rank
     exact_error: float | None = None
+    #: the threshold this cluster was held to
+    cluster_threshold: float | None = None
     #: the exact whitened relative error at the final rank (0 for dense)
     error: float = 0.0
     params: int
@@ -157,7 +164,9 @@ class RolePlan(BaseModel):
     in_features: int
     out_features: int
     cluster_rank: int
-    threshold: float
+    #: the fixed threshold ε, or None when each cluster is held to its members' own errors
+    threshold: float | None
+    threshold_rule: Literal["fixed", "alone"]
     clusters: int
     shared_layers: int
     seconds: float
@@ -192,7 +201,8 @@ class SvdClusterPlan(BaseModel):
             shared = [u for u in units if u.kind == "shared"]
             desc = ", ".join(f"{{{','.join(map(str, u.layers))}}} r{u.rank}" for u in shared[:8])
             more = f" (+{len(shared) - 8} more)" if len(shared) > 8 else ""
-            lines.append(f"  {r.role}: threshold {r.threshold:.3f} at rank {r.cluster_rank}; "
+            rule = f"threshold {r.threshold:g}" if r.threshold is not None else "no worse than alone"
+            lines.append(f"  {r.role}: {rule} (per-layer rank {r.cluster_rank}); "
                          f"{len(shared)} shared cluster(s) over {r.shared_layers} layers {desc}{more}; "
                          f"{sum(u.kind == 'lowrank' for u in units)} per-layer low rank, "
                          f"{sum(u.kind == 'dense' for u in units)} dense; {r.seconds:.1f} s, "
@@ -249,6 +259,14 @@ class SvdClusterPass(Pass):
             raise CompressError(f"{adapter.name} blocks have no separate {what} linear to share (fused or absent)",
                                 "choose --roles from " + (", ".join(have) or "(none)"))
 
+    def resolve(self, linears: list[tuple[str, int, int]]) -> None:
+        """Refuse a one-layer model before any work (``linears`` lists every block's linears)."""
+        names = [n for n, _, _ in linears]
+        layers = names.count(names[0]) if names else 0
+        if layers < 2 and self.config.single_layer == "refuse":
+            raise CompressError("the model has one layer: there is nothing to share across layers",
+                                "use compress lowrank, or pass --single-layer lowrank")
+
     def needs(self) -> Needs:
         return Needs(scan=True, plan=True, activations=self.config.propagate == "compressed")
 
@@ -269,9 +287,6 @@ class SvdClusterPass(Pass):
     # -- plan ------------------------------------------------------------------------------------
     def plan(self, stats: BlockStats, run: RunContext) -> SvdClusterPlan:
         n = stats.n_blocks
-        if n < 2 and self.config.single_layer == "refuse":
-            raise CompressError("the model has one layer: there is nothing to share across layers",
-                                "use compress lowrank, or pass --single-layer lowrank")
         blocks = []
         for i in range(n):
             b = stats.block(i)
@@ -296,47 +311,56 @@ class SvdClusterPass(Pass):
         """Cluster one role's layers, choose every unit's rank and keep the shared bases."""
         c = self.config
         out_f, in_f = role.shape
-        L = svd.whitening(cs.mean_gram(role.grams), c.damp)
-        A = [L.L.T @ W.T for W in role.weights]  # [in, out] whitened by the role-wide metric
-        A = [x / x.norm().clamp_min(1e-300) for x in A]
-        own = [_own_spectrum(W, G, c.damp) for W, G in zip(role.weights, role.grams)]
-        spectra = [_joint_sigma([x]) for x in A]
-        r0, eps = self._threshold(in_f, out_f, spectra)
+        A = _whitened(role.weights, role.grams, c.damp)  # [in, out] each, one role-wide metric
+        ranks, limit, rule = self._rules(in_f, out_f, [_joint_sigma([x]) for x in A])
         t0 = time.perf_counter()
         if c.grouping == "pairs" or len(A) < 2:
             groups = cs.contiguous_groups(len(A), c.group_size if len(A) >= 2 else 1)
-            found = cs.Clustering([cs.Cluster(g, float("nan"), cs.exact_error([A[j] for j in g], r0))
-                                   for g in groups], r0, eps, "fixed")
+            found = cs.Clustering([cs.Cluster(g, float("nan"), cs.exact_error([A[j] for j in g], ranks(len(g))),
+                                              ranks(len(g)), limit(g)) for g in groups], ranks(1), None, "fixed")
         else:
-            found = cs.cluster_blocks(A, r0, eps, estimator=c.estimator, sorting=c.sorting,
+            found = cs.cluster_blocks(A, ranks, limit, estimator=c.estimator, sorting=c.sorting,
                                       patience=c.patience, oversample=c.oversample)
         seconds = time.perf_counter() - t0
         units = self._units(role, found)
-        self._rank_units(units, in_f, out_f, A, own)
+        spectra = self._rank_units(units, role, ranks)
         for u in units:
             if u.kind == "shared":
-                self._bases[u.basis] = _basis(L, [A[j] for j in u.layers], u.rank)  # type: ignore[index]
+                self._bases[u.basis] = spectra[id(u)].basis(u.rank)  # type: ignore[index,arg-type]
         shared = [u for u in units if u.kind == "shared"]
-        plan = RolePlan(role=role.name, linear=role.linear, in_features=in_f, out_features=out_f, cluster_rank=r0,
-                        threshold=eps, clusters=len(shared), shared_layers=sum(len(u.layers) for u in shared),
-                        seconds=seconds, evaluations=found.evaluations, exact_svds=found.exact_svds,
-                        svds_avoided=found.svds_avoided)
+        plan = RolePlan(role=role.name, linear=role.linear, in_features=in_f, out_features=out_f, cluster_rank=ranks(1),
+                        threshold=c.error, threshold_rule=rule, clusters=len(shared),
+                        shared_layers=sum(len(u.layers) for u in shared), seconds=seconds,
+                        evaluations=found.evaluations, exact_svds=found.exact_svds, svds_avoided=found.svds_avoided)
         return plan, units
 
-    def _threshold(self, in_f: int, out_f: int, spectra: list[Tensor]) -> tuple[int, float]:
-        """The clustering rank and threshold of a role: with ``ratio`` the per-layer rank of the
-        budget (threshold ``error``, else the median per-layer error at that rank); with
-        ``error`` alone the smallest rank whose median per-layer error meets it."""
+    def _rules(self, in_f: int, out_f: int, alone: list[Tensor]) -> tuple[Callable[[int], int],
+                                                                         Callable[[list[int]], float], str]:
+        """The clustering rank of a cluster of ``t`` layers and its threshold.
+
+        With ``ratio`` a cluster gets the rank its share of the budget affords,
+        ``r_t = ratio · t·in·out / (in + t·out)`` (``r_1`` is the per-layer rank); the threshold is
+        ``error`` or, without it, what the members reach on their own at ``r_1`` (the RMS of their
+        errors): a cluster forms only where sharing does not lose at equal parameters. With
+        ``error`` alone the rank is the smallest whose median per-layer error meets it.
+        """
         c = self.config
         if c.ratio is not None:
-            r0 = svd.rank_for_ratio(in_f, out_f, c.ratio) or 1
-            eps = c.error if c.error is not None else statistics.median(_tail(s, r0) for s in spectra)
-            return r0, float(min(max(eps, 1e-6), 1 - 1e-9))
-        assert c.error is not None
-        for r0 in range(1, min(in_f, out_f) + 1):
-            if statistics.median(_tail(s, r0) for s in spectra) <= c.error:
-                return r0, c.error
-        return min(in_f, out_f), c.error
+            ratio = c.ratio
+            r1 = svd.rank_for_ratio(in_f, out_f, ratio) or 1
+
+            def ranks(t: int) -> int:
+                return max(1, min(in_f, t * out_f, int(ratio * t * in_f * out_f / (in_f + t * out_f) + 1e-9)))
+
+            if c.error is not None:
+                return ranks, lambda members: c.error, "fixed"  # type: ignore[return-value]
+            single = [_tail(s, r1) for s in alone]
+            return ranks, lambda members: _rms([single[j] for j in members]) * (1 + 1e-9), "alone"
+        eps = c.error
+        assert eps is not None
+        r0 = next((r for r in range(1, min(in_f, out_f) + 1)
+                   if statistics.median(_tail(s, r) for s in alone) <= eps), min(in_f, out_f))
+        return (lambda t: r0), (lambda members: eps), "fixed"
 
     def _units(self, role: _Role, found: cs.Clustering) -> list[UnitPlan]:
         out_f, in_f = role.shape
@@ -347,34 +371,40 @@ class SvdClusterPass(Pass):
             est = None if cl.estimated != cl.estimated else float(cl.estimated)  # NaN: fixed groups
             units.append(UnitPlan(role=role.name, layers=layers, kind="shared" if shared else "lowrank", rank=None,
                                   basis=f"svd_{role.name}_{k}" if shared else None, estimated_error=est,
-                                  exact_error=float(cl.exact), params=0, dense_params=len(layers) * in_f * out_f))
+                                  exact_error=float(cl.exact), cluster_threshold=float(cl.threshold),
+                                  params=0, dense_params=len(layers) * in_f * out_f))
         return units
 
-    def _rank_units(self, units: list[UnitPlan], in_f: int, out_f: int, A: list[Tensor], own: list[Tensor]) -> None:
-        """Ranks by budget (``ratio``) or by threshold (``error``); a unit that would not be smaller
-        than dense stays dense (singletons) or is refused its sharing (clusters split)."""
+    def _rank_units(self, units: list[UnitPlan], role: _Role, ranks: Callable[[int], int]) -> dict[int, _Spectrum]:
+        """Ranks: ``ratio`` gives each unit its share (``allocation: uniform``) or spreads the
+        role's budget by captured energy per parameter (``energy``); ``error`` alone gives each
+        the smallest rank meeting it. A unit whose factors would not be smaller stays dense.
+        Every unit's spectrum is in its own metric: a cluster's members whitened by the mean of
+        their Grams (Basis Sharing), a singleton by its own (SVD-LLM)."""
         c = self.config
-        spectra = [_joint_sigma([A[j] for j in u.layers]) if u.kind == "shared"
-                   else own[u.layers[0]] / own[u.layers[0]].norm().clamp_min(1e-300) for u in units]
+        out_f, in_f = role.shape
+        spectra = {id(u): _Spectrum.of([role.weights[j] for j in u.layers], [role.grams[j] for j in u.layers], c.damp)
+                   for u in units}
+        sigma = [spectra[id(u)].sigma for u in units]
         costs = [in_f + len(u.layers) * out_f for u in units]
         caps = [_max_rank(in_f, len(u.layers) * out_f) for u in units]
-        if c.grouping == "pairs":
-            assert c.ratio is not None
-            ranks = [min(cap, int(c.ratio * u.dense_params / cost + 1e-9)) for u, cost, cap in zip(units, costs, caps)]
-        elif c.ratio is not None:
+        if c.ratio is not None and c.allocation == "energy" and c.grouping == "cluster":
             budget = int(c.ratio * sum(u.dense_params for u in units))
             try:
-                ranks = cs.allocate_ranks(spectra, costs, budget, max_ranks=caps)
+                chosen = cs.allocate_ranks(sigma, costs, budget, max_ranks=caps)
             except ValueError as e:
                 raise CompressError(f"--ratio {c.ratio}: {e}", "raise --ratio") from None
+        elif c.ratio is not None:
+            chosen = [ranks(len(u.layers)) for u in units]
         else:
             assert c.error is not None
-            ranks = [_rank_for_error(s, c.error) for s in spectra]
-        for u, s, r, cost, cap in zip(units, spectra, ranks, costs, caps):
+            chosen = [_rank_for_error(s, c.error) for s in sigma]
+        for u, s, r, cost, cap in zip(units, sigma, chosen, costs, caps):
             if r < 1 or r > cap:
                 u.kind, u.rank, u.basis, u.params, u.error = "dense", None, None, u.dense_params, 0.0
             else:
                 u.rank, u.params, u.error = r, r * cost, _tail(s, r)
+        return spectra
 
     # -- apply -----------------------------------------------------------------------------------
     def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
@@ -503,23 +533,44 @@ def _max_rank(m: int, n: int) -> int:
     return max(0, min(m, n, (m * n - 1) // (m + n)))
 
 
-def _own_spectrum(W: Tensor, G: Tensor, damp: float) -> Tensor:
-    """Singular values of ``W L`` in the layer's own whitening (its per-layer SVD-LLM spectrum)."""
-    white = svd.whitening(G, damp)
-    return torch.linalg.svdvals(W.to(torch.float64) @ white.L)
+def _rms(xs: list[float]) -> float:
+    return (sum(x * x for x in xs) / len(xs)) ** 0.5
+
+
+def _whitened(weights: list[Tensor], grams: list[Tensor], damp: float) -> list[Tensor]:
+    """``Lᵀ W_lᵀ / ‖·‖ [in, out]`` with ``L Lᵀ`` the mean of the trace-normalised Grams."""
+    L = svd.whitening(cs.mean_gram(grams), damp).L
+    A = [L.T @ W.to(torch.float64).T for W in weights]
+    return [a / a.norm().clamp_min(1e-300) for a in A]
+
+
+@dataclass
+class _Spectrum:
+    """One unit's whitened factorisation: ``L`` of its metric (the mean of its members'
+    trace-normalised Grams) and the left singular pairs of its unit-norm whitened blocks (a
+    singleton is a cluster of one: its own SVD-LLM spectrum)."""
+
+    L: Tensor
+    U: Tensor
+    sigma: Tensor
+
+    @staticmethod
+    def of(weights: list[Tensor], grams: list[Tensor], damp: float) -> _Spectrum:
+        L = svd.whitening(cs.mean_gram(grams), damp).L
+        A = [L.T @ W.to(torch.float64).T for W in weights]  # [in, out] each
+        U, sigma = cs.left_singular([a / a.norm().clamp_min(1e-300) for a in A])
+        return _Spectrum(L, U, sigma)
+
+    def basis(self, rank: int) -> Tensor:
+        """``B = L⁻ᵀ U_k Σ_k^½ [in, k]``: the top-``k`` whitened directions in input space."""
+        U = self.U[:, :rank] * self.sigma[:rank].sqrt()
+        return torch.linalg.solve_triangular(self.L.T, U, upper=True)  # Lᵀ B = U_k Σ^½
 
 
 def _joint_sigma(blocks: list[Tensor]) -> Tensor:
     """Singular values of ``[A_1 … A_c]`` from the eigenvalues of ``Σ A_i A_iᵀ [m, m]``."""
     lam = torch.linalg.eigvalsh(sum(a @ a.T for a in blocks)).flip(0).clamp_min(0.0)  # type: ignore[arg-type]
     return lam[: min(lam.numel(), sum(a.shape[1] for a in blocks))].sqrt()
-
-
-def _basis(L: svd.Whitening, blocks: list[Tensor], rank: int) -> Tensor:
-    """``B = L⁻ᵀ U_k Σ_k^½ [in, k]``: the cluster's top-``k`` whitened directions in input space."""
-    fac = cs.shared_factors(blocks, rank)
-    Uw = fac.U * fac.sigma[:rank].sqrt()  # [in, k]
-    return torch.linalg.solve_triangular(L.L.T, Uw, upper=True)  # Lᵀ B = U_k Σ^½
 
 
 def cluster_figure(plan: SvdClusterPlan, title: str) -> Figure:

@@ -17,13 +17,19 @@ from compress.checkpoint import CheckpointReader
 from tests.conftest import SMOKE, assert_refused, dir_hash, make_llama, run_cli
 
 
-def _identical_layers(path: Path, layers: int = 4) -> Path:
-    """A tiny LLaMA whose blocks all carry block 0's weights (their inputs still differ)."""
+def _identical_layers(path: Path, layers: int = 4, rank: int = 8) -> Path:
+    """A tiny LLaMA whose blocks all carry block 0's weights (their inputs still differ), with
+    q, k, v, gate and up of rank ``rank`` (so sharing them is exact at that rank)."""
     import transformers
 
     make_llama(path, layers=layers, seed=3)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    first = model.model.layers[0].state_dict()
+    block = model.model.layers[0]
+    for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                block.mlp.gate_proj, block.mlp.up_proj):
+        U, S, Vh = torch.linalg.svd(lin.weight.data.double(), full_matrices=False)
+        lin.weight.data = ((U[:, :rank] * S[:rank]) @ Vh[:rank]).float()
+    first = block.state_dict()
     for block in model.model.layers[1:]:
         block.load_state_dict(first)
     model.save_pretrained(path)
@@ -89,6 +95,7 @@ def test_roles_the_family_does_not_have(tiny_bert: Path, tmp_path: Path, monkeyp
 def test_one_layer_model_is_refused_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture) -> None:
     src = make_llama(tmp_path / "one", layers=1)
+    capsys.readouterr()  # the model's own save messages
     before = dir_hash(src)
     out = tmp_path / "out"
     code, _, err = run_cli(["share", str(src), "--ratio", "0.8", "-o", str(out), *SMOKE], monkeypatch, capsys)
@@ -118,12 +125,14 @@ def test_identical_layers_share_one_basis_per_role(same: Path, tmp_path: Path, m
 
 def test_full_rank_sharing_reconstructs_every_layer(same: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
-    """ε tiny on identical layers: the shared rank reaches the weights' rank and the loaded model
+    """ε tiny on identical rank-8 layers: each role shares one rank-8 basis and the loaded model
     computes the dense one (fp32 storage: up to float round-off of the whitening)."""
     import transformers
 
     out = _share(same, tmp_path / "s", ["--error", "1e-6", "--damp", "0"], monkeypatch, capsys)
     dense = transformers.AutoModelForCausalLM.from_pretrained(same, dtype=torch.float32).eval()
+    assert {u["kind"] for u in _plan(out)["units"]} == {"shared"}
+    assert {u["rank"] for u in _plan(out)["units"]} == {8}
     model = compress.load(out)
     ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
