@@ -334,11 +334,13 @@ def _candidates(blocks: list[Tensor], rest: list[int], seed: list[int], norms: l
 
 
 RankRule = Union[int, Callable[[int], int]]
-Threshold = Union[float, Callable[[list[int]], float]]
+#: a fixed ε, or ``(members, base) ↦ ε`` with ``base`` the error of ``members[:-1]`` (None for a seed)
+Threshold = Union[float, Callable[[list[int], Union[float, None]], float]]
 
 
 def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, estimator: EstimatorName = "approx",
-                   sorting: Sorting = "residual", patience: int = 10, oversample: int = 5) -> Clustering:
+                   sorting: Sorting = "residual", patience: int = 10, oversample: int = 5,
+                   confirm: Callable[[list[int]], tuple[bool, float]] | None = None) -> Clustering:
     """Greedy error-constrained clustering of ``blocks`` (each ``[m, n_i]``).
 
     Repeatedly: seed a cluster with the largest remaining block (plus neighbours while the seed
@@ -349,10 +351,16 @@ def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, esti
 
     ``rank`` is the paper's fixed ``r`` or a rule ``t ↦ r_t`` for a cluster of ``t`` blocks (e.g.
     the rank a cluster can afford under a parameter budget); ``eps`` is the paper's fixed ``ε``
-    or a rule ``members ↦ ε`` (e.g. what those members would reach on their own).
+    or a rule ``(members, base) ↦ ε`` given the error ``base`` of the cluster before its last
+    member joined (e.g. "adding this block costs no more than keeping it alone").
+
+    ``confirm`` replaces the exact check of a final cluster: ``members ↦ (accepted, exact error)``
+    (e.g. the error in a metric the blocks cannot share, such as the cluster's own whitening);
+    each call counts as one exact SVD.
     """
     ranks: Callable[[int], int] = rank if callable(rank) else (lambda t: rank)  # type: ignore[misc,assignment]
-    limit: Callable[[list[int]], float] = eps if callable(eps) else (lambda members: eps)  # type: ignore[misc,assignment]
+    limit: Callable[[list[int], float | None], float] = (
+        eps if callable(eps) else (lambda members, base: eps))  # type: ignore[misc,assignment]
     if not callable(eps) and not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     if patience < 1:
@@ -374,34 +382,49 @@ def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, esti
         result.exact_svds += 1
         return exact_error([], ranks(len(members)), [grams[i] for i in members])
 
-    def close(members: list[int], state: object, err: float) -> None:
+    def close(members: list[int], state: object, err: float, base: float | None) -> None:
         k = ranks(len(members))
-        result.clusters.append(Cluster(members, est.error(state, k), err, k, limit(members)))
+        result.clusters.append(Cluster(members, est.error(state, k), err, k, limit(members, base)))
 
     streak = 0
     while remaining:
         if streak >= patience:
             for j in remaining:
-                close([j], est.start([blocks[j]]), exact([j]))
+                close([j], est.start([blocks[j]]), exact([j]), None)
             break
         seed = _seed(remaining, widths, ranks(1))
         states = [est.start([blocks[i] for i in seed])]  # states[t]: the seed plus t added members
         members = list(seed)
-        if est.error(states[0], ranks(len(seed))) <= limit(seed):
+        current = est.error(states[0], ranks(len(seed)))
+        if current <= limit(seed, None):
             rest = [j for j in remaining if j not in seed]
             for j in _candidates(blocks, rest, seed, norms, sorting, ranks(1)):
                 trial = est.add(states[-1], blocks[j])
                 result.evaluations += 1
-                if est.error(trial, ranks(len(members) + 1)) > limit([*members, j]):
+                err = est.error(trial, ranks(len(members) + 1))
+                if err > limit([*members, j], current):
                     break
                 states.append(trial)
                 members.append(j)
-        err = exact(members)
-        while err > limit(members) and len(members) > len(seed):
-            members.pop()  # the estimator was optimistic: the last member goes back to the pool
-            states.pop()
+                current = err
+        if confirm is not None:
+            result.exact_svds += 1
+            ok, err = confirm(members)
+            while not ok and len(members) > len(seed):
+                members.pop()  # the last member goes back to the pool
+                states.pop()
+                result.exact_svds += 1
+                ok, err = confirm(members)
+            close(members, states[-1], err, None)
+        else:
             err = exact(members)
-        close(members, states[-1], err)
+            base = exact(members[:-1]) if len(members) > len(seed) else None
+            while base is not None and err > limit(members, base):
+                members.pop()  # the estimator was optimistic: the last member goes back to the pool
+                states.pop()
+                err = base
+                base = exact(members[:-1]) if len(members) > len(seed) else None
+            close(members, states[-1], err, base)
         remaining = [j for j in remaining if j not in members]
         streak = streak + 1 if len(members) == 1 else 0
     labels = [0] * len(blocks)

@@ -166,7 +166,7 @@ class RolePlan(BaseModel):
     cluster_rank: int
     #: the fixed threshold ε, or None when each cluster is held to its members' own errors
     threshold: float | None
-    threshold_rule: Literal["fixed", "alone"]
+    threshold_rule: Literal["fixed", "pays"]
     clusters: int
     shared_layers: int
     seconds: float
@@ -201,7 +201,7 @@ class SvdClusterPlan(BaseModel):
             shared = [u for u in units if u.kind == "shared"]
             desc = ", ".join(f"{{{','.join(map(str, u.layers))}}} r{u.rank}" for u in shared[:8])
             more = f" (+{len(shared) - 8} more)" if len(shared) > 8 else ""
-            rule = f"threshold {r.threshold:g}" if r.threshold is not None else "no worse than alone"
+            rule = f"threshold {r.threshold:g}" if r.threshold is not None else "sharing pays"
             lines.append(f"  {r.role}: {rule} (per-layer rank {r.cluster_rank}); "
                          f"{len(shared)} shared cluster(s) over {r.shared_layers} layers {desc}{more}; "
                          f"{sum(u.kind == 'lowrank' for u in units)} per-layer low rank, "
@@ -317,10 +317,11 @@ class SvdClusterPass(Pass):
         if c.grouping == "pairs" or len(A) < 2:
             groups = cs.contiguous_groups(len(A), c.group_size if len(A) >= 2 else 1)
             found = cs.Clustering([cs.Cluster(g, float("nan"), cs.exact_error([A[j] for j in g], ranks(len(g))),
-                                              ranks(len(g)), limit(g)) for g in groups], ranks(1), None, "fixed")
+                                              ranks(len(g)), float("nan")) for g in groups], ranks(1), None, "fixed")
         else:
             found = cs.cluster_blocks(A, ranks, limit, estimator=c.estimator, sorting=c.sorting,
-                                      patience=c.patience, oversample=c.oversample)
+                                      patience=c.patience, oversample=c.oversample,
+                                      confirm=self._pays(role, ranks) if rule == "pays" else None)
         seconds = time.perf_counter() - t0
         units = self._units(role, found)
         spectra = self._rank_units(units, role, ranks)
@@ -334,15 +335,40 @@ class SvdClusterPass(Pass):
                         evaluations=found.evaluations, exact_svds=found.exact_svds, svds_avoided=found.svds_avoided)
         return plan, units
 
-    def _rules(self, in_f: int, out_f: int, alone: list[Tensor]) -> tuple[Callable[[int], int],
-                                                                         Callable[[list[int]], float], str]:
+    def _pays(self, role: _Role, ranks: Callable[[int], int]) -> Callable[[list[int]], tuple[bool, float]]:
+        """The exact check of "sharing pays" in the metric the factors will use: the members
+        whitened by the mean of their own Grams, at the cluster's rank, lose no more output energy
+        (summed over members, each normalised) than each factored alone in its own metric."""
+        c = self.config
+        out_f, in_f = role.shape
+        r1 = ranks(1)
+        alone: dict[int, float] = {}
+
+        def single(j: int) -> float:
+            if j not in alone:
+                alone[j] = _tail(_Spectrum.of([role.weights[j]], [role.grams[j]], c.damp).sigma, r1) ** 2
+            return alone[j]
+
+        def check(members: list[int]) -> tuple[bool, float]:
+            if len(members) == 1:
+                return True, single(members[0]) ** 0.5
+            spec = _Spectrum.of([role.weights[j] for j in members], [role.grams[j] for j in members], c.damp)
+            err = _tail(spec.sigma, ranks(len(members)))
+            return len(members) * err ** 2 <= sum(single(j) for j in members), err
+
+        return check
+
+    def _rules(self, in_f: int, out_f: int, alone: list[Tensor]) -> tuple[
+            Callable[[int], int], Callable[[list[int], float | None], float], str]:
         """The clustering rank of a cluster of ``t`` layers and its threshold.
 
         With ``ratio`` a cluster gets the rank its share of the budget affords,
         ``r_t = ratio · t·in·out / (in + t·out)`` (``r_1`` is the per-layer rank); the threshold is
-        ``error`` or, without it, what the members reach on their own at ``r_1`` (the RMS of their
-        errors): a cluster forms only where sharing does not lose at equal parameters. With
-        ``error`` alone the rank is the smallest whose median per-layer error meets it.
+        ``error`` or, without it, "sharing pays": a layer joins only while the cluster's squared
+        error (summed over members) stays within the cluster's before it joined plus the layer's
+        own at ``r_1``, so every member added costs no more than factoring it alone at equal
+        parameters. With ``error`` alone the rank is the smallest whose median per-layer error
+        meets it.
         """
         c = self.config
         if c.ratio is not None:
@@ -353,14 +379,20 @@ class SvdClusterPass(Pass):
                 return max(1, min(in_f, t * out_f, int(ratio * t * in_f * out_f / (in_f + t * out_f) + 1e-9)))
 
             if c.error is not None:
-                return ranks, lambda members: c.error, "fixed"  # type: ignore[return-value]
+                return ranks, lambda members, base: c.error, "fixed"  # type: ignore[return-value]
             single = [_tail(s, r1) for s in alone]
-            return ranks, lambda members: _rms([single[j] for j in members]) * (1 + 1e-9), "alone"
+
+            def pays(members: list[int], base: float | None) -> float:
+                t, own = len(members), single[members[-1]] ** 2
+                before = 0.0 if base is None else (t - 1) * base ** 2  # summed squared error of the rest
+                return ((before + own) / t) ** 0.5 * (1 + 1e-9)
+
+            return ranks, pays, "pays"
         eps = c.error
         assert eps is not None
         r0 = next((r for r in range(1, min(in_f, out_f) + 1)
                    if statistics.median(_tail(s, r) for s in alone) <= eps), min(in_f, out_f))
-        return (lambda t: r0), (lambda members: eps), "fixed"
+        return (lambda t: r0), (lambda members, base: eps), "fixed"
 
     def _units(self, role: _Role, found: cs.Clustering) -> list[UnitPlan]:
         out_f, in_f = role.shape
@@ -371,7 +403,8 @@ class SvdClusterPass(Pass):
             est = None if cl.estimated != cl.estimated else float(cl.estimated)  # NaN: fixed groups
             units.append(UnitPlan(role=role.name, layers=layers, kind="shared" if shared else "lowrank", rank=None,
                                   basis=f"svd_{role.name}_{k}" if shared else None, estimated_error=est,
-                                  exact_error=float(cl.exact), cluster_threshold=float(cl.threshold),
+                                  exact_error=float(cl.exact),
+                                  cluster_threshold=None if cl.threshold != cl.threshold else float(cl.threshold),
                                   params=0, dense_params=len(layers) * in_f * out_f))
         return units
 

@@ -44,6 +44,7 @@ PASS_CASES = {
     "nupes": {"bits": 3, "group_size": 32},
     "nupes-learn": ("nupes", {"bits": 3, "group_size": 32, "init": "gptq", "learn": True, "steps": 3,
                               "exponent": "channel"}),
+    "svd_cluster": {"ratio": 0.8, "error": 0.9},
 }
 
 
@@ -84,7 +85,8 @@ def test_no_implicit_allocation_on_the_default_device(case: str, src: Path, tmp_
     _same(got, want)
 
 
-@pytest.mark.parametrize("case", ["gptq", "gptq-actorder-mse", "lowrank", "slicegpt", "structprune", "nupes-learn"])
+@pytest.mark.parametrize("case", ["gptq", "gptq-actorder-mse", "lowrank", "slicegpt", "structprune", "nupes-learn",
+                                  "svd_cluster"])
 def test_host_offloaded_activations_give_the_same_tensors(case: str, src: Path, tmp_path: Path) -> None:
     name, config = _cases()[case]
     on_device = _run(src, tmp_path / "d", name, config, device="cpu", activations="device")
