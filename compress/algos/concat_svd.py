@@ -340,7 +340,8 @@ Threshold = Union[float, Callable[[list[int], Union[float, None]], float]]
 
 def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, estimator: EstimatorName = "approx",
                    sorting: Sorting = "residual", patience: int = 10, oversample: int = 5,
-                   confirm: Callable[[list[int]], tuple[bool, float]] | None = None) -> Clustering:
+                   confirm: Callable[[list[int]], tuple[bool, float]] | None = None,
+                   max_size: int | None = None) -> Clustering:
     """Greedy error-constrained clustering of ``blocks`` (each ``[m, n_i]``).
 
     Repeatedly: seed a cluster with the largest remaining block (plus neighbours while the seed
@@ -356,7 +357,7 @@ def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, esti
 
     ``confirm`` replaces the exact check of a final cluster: ``members ↦ (accepted, exact error)``
     (e.g. the error in a metric the blocks cannot share, such as the cluster's own whitening);
-    each call counts as one exact SVD.
+    each call counts as one exact SVD. ``max_size`` caps the blocks in one cluster.
     """
     ranks: Callable[[int], int] = rank if callable(rank) else (lambda t: rank)  # type: ignore[misc,assignment]
     limit: Callable[[list[int], float | None], float] = (
@@ -399,6 +400,8 @@ def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, esti
         if current <= limit(seed, None):
             rest = [j for j in remaining if j not in seed]
             for j in _candidates(blocks, rest, seed, norms, sorting, ranks(1)):
+                if max_size is not None and len(members) >= max_size:
+                    break
                 trial = est.add(states[-1], blocks[j])
                 result.evaluations += 1
                 err = est.error(trial, ranks(len(members) + 1))
