@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, not benchmarks/ (its kernels.py would shadow the PyPI package transformers imports)
 from benchmarks.common import SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save  # noqa: E402
 from compress.assets import cache_dir, resolve_model  # noqa: E402
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, not benchmarks/ (its kernels.py would shadow the PyPI package transformers imports)
 from benchmarks.common import ROOT, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save  # noqa: E402
 from compress.assets import resolve_model  # noqa: E402
 from compress.checkpoint import CheckpointReader  # noqa: E402

@@ -340,11 +340,46 @@ def nupes() -> str:
     return "\n".join(lines)
 
 
+def svd_cluster() -> str:
+    """Clustered shared bases vs per-layer whitened SVD vs fixed pairs (benchmarks/svd_cluster.py)."""
+    path = RESULTS / "svd_cluster.json"
+    if not path.is_file():
+        return "| row | PPL |\n|---|---|\n| — | not measured |"
+    d = json.loads(path.read_text())
+    lines = ["| row | PPL | KL | top-1 | targeted params (ratio) | shared bases | bytes on disk | wall | peak RSS | "
+             "command |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | {d['dense']['ppl']:.2f} | — | — | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — |"]
+    for r in d.get("rows", []):
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | "
+                     f"{r['targeted_params']:,} ({r['param_ratio']:.4f}) | {r['shared_groups']} | "
+                     f"{_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} s | {_gb(r['peak_rss_bytes'])} | `{r['command']}` |")
+    acc = d.get("acceptance", {})
+    if acc:
+        lines += ["", "| ratio | share PPL / lowrank PPL | share PPL / pairs PPL | share params / lowrank params | "
+                      "met (≤ both) |", "|---|---|---|---|---|"]
+        for key, a in acc.items():
+            lines.append(f"| {key.split('_', 1)[1]} | {a['ppl_ratio_vs_lowrank']:.4f} | {a['ppl_ratio_vs_pairs']:.4f} | "
+                         f"{a['params_ratio_vs_lowrank']:.4f} | {'yes' if a['met'] else 'no'} |")
+    est = d.get("estimators")
+    if est:
+        lines += ["", "| estimator | blocks | clustering s | candidate evaluations | exact SVDs run | avoided | "
+                      "clusters (layers) | max abs(estimated − exact) |", "|---|---|---|---|---|---|---|---|"]
+        for name, e in est.items():
+            lines.append(f"| {name} | {e['blocks']} | {e['clustering_s']:.1f} | {e['evaluations']} | {e['exact_svds']} | "
+                         f"{e['svds_avoided']} | {e['clusters']} ({e['clustered_layers']}) | "
+                         f"{e['max_abs_error_gap']:.2e} |")
+    m = d["machine"]
+    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
+    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
+                  "GPU: not measured (no device lent)."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
              "plan-truth": plan_truth, "device-map": device_map,
-             "structprune": structprune, "baq": baq, "nupes": nupes}
+             "structprune": structprune, "baq": baq, "nupes": nupes, "svd-cluster": svd_cluster}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())
