@@ -571,10 +571,6 @@ def _max_rank(m: int, n: int) -> int:
     return max(0, min(m, n, (m * n - 1) // (m + n)))
 
 
-def _rms(xs: list[float]) -> float:
-    return (sum(x * x for x in xs) / len(xs)) ** 0.5
-
-
 def _whitened(weights: list[Tensor], grams: list[Tensor], damp: float) -> list[Tensor]:
     """``Lᵀ W_lᵀ / ‖·‖ [in, out]`` with ``L Lᵀ`` the mean of the trace-normalised Grams."""
     L = svd.whitening(cs.mean_gram(grams), damp).L

@@ -184,3 +184,28 @@ def test_bad_arguments() -> None:
         cs.exact_error([a, torch.randn(5, 3)], 2)
     with pytest.raises(ValueError):
         cs.make_estimator("nope", 2)  # type: ignore[arg-type]
+
+
+def test_refit_minimises_the_output_error_for_a_fixed_basis() -> None:
+    """``C = (BᵀGB)⁻¹BᵀGWᵀ`` beats the plain projection in the metric ``G`` and is exact when the
+    basis spans the weight's row space."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(200, 12, dtype=torch.float64, generator=g) * torch.linspace(0.1, 3, 12, dtype=torch.float64)
+    G = X.T @ X
+    W = torch.randn(7, 12, dtype=torch.float64, generator=g)
+    B = torch.linalg.qr(torch.randn(12, 5, dtype=torch.float64, generator=g)).Q
+    C = cs.refit_coefficients(B, W, G, damp=0.0)
+    proj = B.T @ W.T
+    err = lambda c: float((X @ (W.T - B @ c)).pow(2).sum())  # noqa: E731
+    assert err(C) <= err(proj) + 1e-9
+    for _ in range(5):  # no perturbation does better
+        assert err(C) <= err(C + 1e-3 * torch.randn(C.shape, dtype=torch.float64, generator=g)) + 1e-12
+    full = torch.linalg.qr(W.T).Q  # [12, 7] spans W's rows
+    assert torch.allclose(full @ cs.refit_coefficients(full, W, G, damp=0.0), W.T, atol=1e-10)
+
+
+def test_mean_gram_weighs_layers_equally() -> None:
+    a = torch.eye(4, dtype=torch.float64) * 100.0
+    b = torch.diag(torch.tensor([1.0, 2.0, 3.0, 2.0], dtype=torch.float64))
+    m = cs.mean_gram([a, b])
+    assert torch.allclose(m, 0.5 * (torch.eye(4, dtype=torch.float64) + b / 2.0))
