@@ -6,9 +6,10 @@ ratios 0.9 and 0.8 of the targeted linears (q, k, v, gate, up of every layer; o 
 * ``lowrank-R`` — per-layer whitened SVD, ``compress lowrank --ratio R`` on the same linears;
 * ``pairs-R`` — fixed contiguous pairs of layers sharing a basis (Basis Sharing's default
   grouping), ``compress share --ratio R --grouping pairs``;
-* ``share-R`` — the clustered shared bases, ``compress share --ratio R`` (clusters of at most
-  two layers, the default);
-* ``share-unbounded-0.8`` — the same without the size cap (``--max-size 30``), the ablation.
+* ``share-R`` — the clustered shared bases, ``compress share --ratio R`` (no cap on a cluster's
+  size, the default);
+* ``share-unbounded-0.8`` — the same with an explicit cap of 30 layers (none binds: the first
+  run, when the default cap was 2); ``share-max2-0.8`` — clusters of at most two layers.
 
 Every row runs with ``--propagate dense``: factors and coefficients are fitted on the dense
 model's calibration statistics (scanned once per statistic and kept in the work store).
@@ -63,6 +64,7 @@ def row_commands() -> dict[str, list[str]]:
         rows[f"lowrank-{r}"] = ["lowrank", "--ratio", str(r), "--target", TARGETS, *DENSE]
         rows[f"pairs-{r}"] = ["share", "--ratio", str(r), "--grouping", "pairs", *DENSE]
     rows["share-unbounded-0.8"] = ["share", "--ratio", "0.8", "--max-size", "30", *DENSE]
+    rows["share-max2-0.8"] = ["share", "--ratio", "0.8", "--max-size", "2", *DENSE]
     return rows
 
 

@@ -72,9 +72,8 @@ class SvdClusterConfig(PassConfig):
         sorting: candidate order: ``residual`` (closest to the seed's subspace first) or ``norm``.
         patience: after this many singletons in a row the rest stay per-layer.
         oversample: extra eigenpairs the ``approx`` estimator keeps (p).
-        max_size: the most layers one cluster may hold (default 2; ``None``: no limit). Larger
-            clusters pass the whitened-energy test yet lost to pairs in perplexity on SmolLM2
-            (BENCHMARKS.md), so the default keeps clusters to pairs of any two layers.
+        max_size: the most layers one cluster may hold (default: no limit; 2 pairs any two
+            layers, measured worse on SmolLM2, BENCHMARKS.md).
         grouping: ``cluster`` (the search) or ``pairs`` (fixed contiguous groups, the baseline).
         allocation: with ``ratio``: every cluster and singleton gets the rank its share of the
             parameters affords (``uniform``), or the role's budget goes where it captures the
@@ -99,7 +98,7 @@ class SvdClusterConfig(PassConfig):
     sorting: cs.Sorting = Field("residual", description="candidate order: residual | norm")
     patience: int = Field(10, ge=1, le=1000, description="singletons in a row before the rest stay per-layer")
     oversample: int = Field(5, ge=0, le=4096, description="extra eigenpairs of the approx estimator")
-    max_size: int | None = Field(2, ge=2, le=4096, description="most layers in one cluster (none: no limit)")
+    max_size: int | None = Field(None, ge=2, le=4096, description="most layers in one cluster (default: no limit)")
     grouping: Literal["cluster", "pairs"] = Field("cluster", description="cluster search or fixed contiguous groups")
     group_size: int = Field(2, ge=2, le=1024, description="layers per group with grouping: pairs")
     allocation: Literal["uniform", "energy"] = Field("uniform", description=(

@@ -108,7 +108,7 @@ def test_one_layer_model_is_refused_unless_asked(tmp_path: Path, monkeypatch: py
 
 def test_identical_layers_share_one_basis_per_role(same: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
-    out = _share(same, tmp_path / "s", ["--error", "0.05", "--max-size", "4"], monkeypatch, capsys)
+    out = _share(same, tmp_path / "s", ["--error", "0.05"], monkeypatch, capsys)
     plan = _plan(out)
     for role in ("q", "k", "v", "gate", "up"):
         units = [u for u in plan["units"] if u["role"] == role]
@@ -129,7 +129,7 @@ def test_full_rank_sharing_reconstructs_every_layer(same: Path, tmp_path: Path, 
     computes the dense one (fp32 storage: up to float round-off of the whitening)."""
     import transformers
 
-    out = _share(same, tmp_path / "s", ["--error", "1e-6", "--damp", "0", "--max-size", "4"], monkeypatch, capsys)
+    out = _share(same, tmp_path / "s", ["--error", "1e-6", "--damp", "0"], monkeypatch, capsys)
     dense = transformers.AutoModelForCausalLM.from_pretrained(same, dtype=torch.float32).eval()
     assert {u["kind"] for u in _plan(out)["units"]} == {"shared"}
     assert {u["rank"] for u in _plan(out)["units"]} == {8}
