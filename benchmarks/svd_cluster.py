@@ -123,7 +123,8 @@ def estimators(src: Path) -> dict:
             raise SystemExit("the scan statistics are not stored: run --only share-0.8 first")
         p = plan.model_dump(mode="json")
         clusters = [{"role": u["role"], "layers": u["layers"], "estimated_error": u["estimated_error"],
-                     "exact_error": u["exact_error"]} for u in p["units"] if len(u["layers"]) > 1]
+                     "exact_error": u["exact_error"], "own_metric_error": u["own_metric_error"]}
+                    for u in p["units"] if len(u["layers"]) > 1]
         gaps = [abs(c["estimated_error"] - c["exact_error"]) for c in clusters]
         out[est] = {"blocks": sum(len(u["layers"]) for u in p["units"]),
                     "clustering_s": sum(r["seconds"] for r in p["roles"]), "plan_wall_s": wall,

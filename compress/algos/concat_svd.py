@@ -276,6 +276,8 @@ class Cluster:
     exact: float
     rank: int = 0
     threshold: float = 0.0
+    #: what ``confirm`` reported (e.g. the error in the cluster's own metric), when it was used
+    confirmed: float | None = None
 
 
 @dataclass
@@ -383,9 +385,10 @@ def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, esti
         result.exact_svds += 1
         return exact_error([], ranks(len(members)), [grams[i] for i in members])
 
-    def close(members: list[int], state: object, err: float, base: float | None) -> None:
+    def close(members: list[int], state: object, err: float, base: float | None,
+              confirmed: float | None = None) -> None:
         k = ranks(len(members))
-        result.clusters.append(Cluster(members, est.error(state, k), err, k, limit(members, base)))
+        result.clusters.append(Cluster(members, est.error(state, k), err, k, limit(members, base), confirmed))
 
     streak = 0
     while remaining:
@@ -418,7 +421,8 @@ def cluster_blocks(blocks: list[Tensor], rank: RankRule, eps: Threshold, *, esti
                 states.pop()
                 result.exact_svds += 1
                 ok, err = confirm(members)
-            close(members, states[-1], err, None)
+            base = None if len(members) == len(seed) else exact(members[:-1])
+            close(members, states[-1], exact(members), base, err)
         else:
             err = exact(members)
             base = exact(members[:-1]) if len(members) > len(seed) else None

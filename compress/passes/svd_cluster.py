@@ -153,6 +153,8 @@ class UnitPlan(BaseModel):
     exact_error: float | None = None
     #: the threshold this cluster was held to
     cluster_threshold: float | None = None
+    #: "sharing pays": the exact error in the cluster's own whitening at the clustering rank
+    own_metric_error: float | None = None
     #: the exact whitened relative error at the final rank (0 for dense)
     error: float = 0.0
     params: int
@@ -409,6 +411,7 @@ class SvdClusterPass(Pass):
                                   basis=f"svd_{role.name}_{k}" if shared else None, estimated_error=est,
                                   exact_error=float(cl.exact),
                                   cluster_threshold=None if cl.threshold != cl.threshold else float(cl.threshold),
+                                  own_metric_error=cl.confirmed,
                                   params=0, dense_params=len(layers) * in_f * out_f))
         return units
 
