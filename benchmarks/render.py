@@ -352,7 +352,9 @@ def svd_cluster() -> str:
     for r in d.get("rows", []):
         lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | "
                      f"{r['targeted_params']:,} ({r['param_ratio']:.4f}) | {r['shared_groups']} | "
-                     f"{_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} s | {_gb(r['peak_rss_bytes'])} | `{r['command']}` |")
+                     f"{_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} s | {_gb(r['peak_rss_bytes'])} | "
+                     f"`{r['command']}` |".replace("q_proj|", "q_proj\\|").replace("v_proj|", "v_proj\\|")
+                     .replace("k_proj|", "k_proj\\|").replace("gate_proj|", "gate_proj\\|"))
     acc = d.get("acceptance", {})
     if acc:
         lines += ["", "| ratio | share PPL / lowrank PPL | share PPL / pairs PPL | share params / lowrank params | "
