@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from compress.algos import concat_svd as cs
@@ -39,12 +39,11 @@ from compress.modules.kinds import model_shared
 from compress.modules.lowrank import LowRankLinear, SharedBasisLinear
 from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
 from compress.pipeline.stats import group_first
+from compress.passes.svd_cluster_plan import RolePlan, SvdClusterPlan, UnitPlan, cluster_figure
 from compress.registry import register_pass
 from compress.report import LayerRecord
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from compress.arch import Adapter
     from compress.calib.pipeline import LayerContext
     from compress.pipeline.contexts import RunContext
@@ -136,83 +135,6 @@ class SvdClusterConfig(PassConfig):
         if self.group_size != 2 and self.grouping != "pairs":
             raise ValueError("group_size applies to grouping pairs only")
         return self
-
-
-# -- the plan ------------------------------------------------------------------------------------
-class UnitPlan(BaseModel):
-    """One cluster (kind ``shared``) or singleton (``lowrank`` or ``dense``) of one role."""
-
-    role: str
-    layers: list[int]
-    kind: Literal["shared", "lowrank", "dense"]
-    rank: int | None
-    basis: str | None = None
-    #: the estimator's error of the cluster at the clustering rank (None for fixed groups)
-    estimated_error: float | None = None
-    #: the exact error of the cluster at the clustering rank
-    exact_error: float | None = None
-    #: the threshold this cluster was held to
-    cluster_threshold: float | None = None
-    #: "sharing pays": the exact error in the cluster's own whitening at the clustering rank
-    own_metric_error: float | None = None
-    #: the exact whitened relative error at the final rank (0 for dense)
-    error: float = 0.0
-    params: int
-    dense_params: int
-
-
-class RolePlan(BaseModel):
-    """How one role was clustered: threshold, clustering rank and what the search cost."""
-
-    role: str
-    linear: str
-    in_features: int
-    out_features: int
-    cluster_rank: int
-    #: the fixed threshold ε, or None when each cluster is held to its members' own errors
-    threshold: float | None
-    threshold_rule: Literal["fixed", "pays"]
-    clusters: int
-    shared_layers: int
-    seconds: float
-    evaluations: int
-    exact_svds: int
-    svds_avoided: int
-
-
-class SvdClusterPlan(BaseModel):
-    """The whole model's clusters and ranks (``plan.json``)."""
-
-    mode: Literal["ratio", "error"]
-    ratio: float | None
-    error: float | None
-    estimator: str
-    grouping: str
-    roles: list[RolePlan]
-    units: list[UnitPlan]
-    params: int
-    dense_params: int
-
-    def unit(self, role: str, layer: int) -> UnitPlan:
-        return next(u for u in self.units if u.role == role and layer in u.layers)
-
-    def summary(self) -> list[str]:
-        """What ``compress plan`` prints: per role the clusters found and their cost."""
-        rule = f"ratio {self.ratio:g}" if self.ratio is not None else f"error {self.error:g}"
-        lines = [f"svd_cluster ({self.grouping}, {self.estimator}, {rule}): {self.params:,} of "
-                 f"{self.dense_params:,} parameters ({self.params / max(1, self.dense_params):.3f})"]
-        for r in self.roles:
-            units = [u for u in self.units if u.role == r.role]
-            shared = [u for u in units if u.kind == "shared"]
-            desc = ", ".join(f"{{{','.join(map(str, u.layers))}}} r{u.rank}" for u in shared[:8])
-            more = f" (+{len(shared) - 8} more)" if len(shared) > 8 else ""
-            rule = f"threshold {r.threshold:g}" if r.threshold is not None else "sharing pays"
-            lines.append(f"  {r.role}: {rule} (per-layer rank {r.cluster_rank}); "
-                         f"{len(shared)} shared cluster(s) over {r.shared_layers} layers {desc}{more}; "
-                         f"{sum(u.kind == 'lowrank' for u in units)} per-layer low rank, "
-                         f"{sum(u.kind == 'dense' for u in units)} dense; {r.seconds:.1f} s, "
-                         f"{r.svds_avoided} exact SVDs avoided")
-        return lines
 
 
 @dataclass
@@ -316,7 +238,7 @@ class SvdClusterPass(Pass):
         """Cluster one role's layers, choose every unit's rank and keep the shared bases."""
         c = self.config
         out_f, in_f = role.shape
-        A = _whitened(role.weights, role.grams, c.damp)  # [in, out] each, one role-wide metric
+        _, A = _whitened(role.weights, role.grams, c.damp)  # [in, out] each, one role-wide metric
         ranks, limit, rule = self._rules(in_f, out_f, [_joint_sigma([x]) for x in A])
         t0 = time.perf_counter()
         if c.grouping == "pairs" or len(A) < 2:
@@ -573,11 +495,11 @@ def _max_rank(m: int, n: int) -> int:
     return max(0, min(m, n, (m * n - 1) // (m + n)))
 
 
-def _whitened(weights: list[Tensor], grams: list[Tensor], damp: float) -> list[Tensor]:
-    """``Lᵀ W_lᵀ / ‖·‖ [in, out]`` with ``L Lᵀ`` the mean of the trace-normalised Grams."""
+def _whitened(weights: list[Tensor], grams: list[Tensor], damp: float) -> tuple[Tensor, list[Tensor]]:
+    """``L`` with ``L Lᵀ`` the mean of the trace-normalised Grams, and ``Lᵀ W_lᵀ / ‖·‖ [in, out]``."""
     L = svd.whitening(cs.mean_gram(grams), damp).L
     A = [L.T @ W.to(torch.float64).T for W in weights]
-    return [a / a.norm().clamp_min(1e-300) for a in A]
+    return L, [a / a.norm().clamp_min(1e-300) for a in A]
 
 
 @dataclass
@@ -592,9 +514,8 @@ class _Spectrum:
 
     @staticmethod
     def of(weights: list[Tensor], grams: list[Tensor], damp: float) -> _Spectrum:
-        L = svd.whitening(cs.mean_gram(grams), damp).L
-        A = [L.T @ W.to(torch.float64).T for W in weights]  # [in, out] each
-        U, sigma = cs.left_singular([a / a.norm().clamp_min(1e-300) for a in A])
+        L, A = _whitened(weights, grams, damp)
+        U, sigma = cs.left_singular(A)
         return _Spectrum(L, U, sigma)
 
     def basis(self, rank: int) -> Tensor:
@@ -607,33 +528,3 @@ def _joint_sigma(blocks: list[Tensor]) -> Tensor:
     """Singular values of ``[A_1 … A_c]`` from the eigenvalues of ``Σ A_i A_iᵀ [m, m]``."""
     lam = torch.linalg.eigvalsh(sum(a @ a.T for a in blocks)).flip(0).clamp_min(0.0)  # type: ignore[arg-type]
     return lam[: min(lam.numel(), sum(a.shape[1] for a in blocks))].sqrt()
-
-
-def cluster_figure(plan: SvdClusterPlan, title: str) -> Figure:
-    """Layers × roles; each shared cluster a colour (its rank written in the cell), per-layer low
-    rank grey, dense white."""
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    n = 1 + max((max(u.layers) for u in plan.units), default=0)
-    roles = [r.role for r in plan.roles]
-    img = np.ones((len(roles), n, 3))
-    fig = Figure(figsize=(max(6, 0.3 * n + 2), 0.6 * len(roles) + 1.5))
-    ax = fig.add_subplot(1, 1, 1)
-    cmap = colormaps["tab20"]
-    k = 0
-    for u in plan.units:
-        row = roles.index(u.role)
-        colour = (0.8, 0.8, 0.8) if u.kind == "lowrank" else (1.0, 1.0, 1.0)
-        if u.kind == "shared":
-            colour, k = cmap(k % 20)[:3], k + 1
-        for j in u.layers:
-            img[row, j] = colour
-            if u.rank is not None:
-                ax.text(j, row, str(u.rank), ha="center", va="center", fontsize=6)
-    ax.imshow(img, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(len(roles)), roles)
-    ax.set_xlabel("layer")
-    ax.set_title(f"{title}: shared clusters (colour) and ranks; grey per-layer, white dense", fontsize=9)
-    return fig
