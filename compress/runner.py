@@ -292,7 +292,7 @@ def run_stage(recipe: Recipe, index: int, src: Path, out: Path, *, overwrite: bo
         run = RunContext(reader, adapter, model, dict(reader.config), None,
                          dict(in_manifest.get("modules", {})), list(in_manifest.get("transforms", [])),
                          shared={g: {"tensors": v["tensors"]} for g, v in in_manifest.get("shared", {}).items()},
-                         device=device, activations=activations)
+                         device=device, activations=activations, calibration=calib)
         stats = _open_stats(the_pass, needs, src, calib, len(get_module(model, adapter.layers)),
                             cache, out.parent, device.type)
         stream = Stream(run, the_pass, writer, needs, calib, recipe.calibration.batch_size, stats,
@@ -344,7 +344,8 @@ def stored_plan(recipe: Recipe, src: Path) -> BaseModel | None:
     if stats is None or stats.missing():
         return None
     run = RunContext(st.reader, st.adapter, st.model, dict(st.reader.config), None,
-                     dict(st.in_manifest.get("modules", {})), list(st.in_manifest.get("transforms", [])))
+                     dict(st.in_manifest.get("modules", {})), list(st.in_manifest.get("transforms", [])),
+                     calibration=st.calib)
     return st.the_pass.plan(stats, run)
 
 

@@ -232,16 +232,32 @@ def temperature(step: int, steps: int, start: float, end: float) -> float:
 
 
 def gumbel_straight_through(alpha: Tensor, tau: float, units: Tensor, capacity: int,
-                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                            generator: torch.Generator | None = None,
+                            available: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Hard-forward, soft-backward sample: ``onehot(k) − sg(s) + s`` with ``s = softmax(z)``,
     ``z = (α + G)/τ`` and ``k`` the MCKP optimum of ``Σ z_ik`` under ``capacity``; returns it and ``k``."""
     u = torch.rand(alpha.shape, dtype=torch.float64, device=alpha.device, generator=generator)
     g = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-16)))
     z = (alpha + g) / tau
     soft = torch.softmax(z, dim=1)
-    hard, _ = mckp(units, -z.detach(), capacity)
+    hard, _ = mckp(units, _masked(-z.detach(), available), capacity)
     onehot = torch.nn.functional.one_hot(hard, alpha.shape[1]).to(soft.dtype)
     return onehot - soft.detach() + soft, hard
+
+
+def _masked(values: Tensor, available: Tensor | None) -> Tensor:
+    """``values`` with unavailable options at ``+inf`` (never chosen by :func:`mckp`)."""
+    if available is None:
+        return values
+    return torch.where(available, values, torch.full_like(values, float("inf")))
+
+
+def mask_logits(alpha: Tensor, available: Tensor | None) -> Tensor:
+    """Unavailable options 1000 below their row's lowest available logit (probability 0)."""
+    if available is None:
+        return alpha
+    low = torch.where(available, alpha, torch.full_like(alpha, float("inf"))).min(dim=1, keepdim=True).values
+    return torch.where(available, alpha, low - 1000.0)
 
 
 # -- initialisation ---------------------------------------------------------------------------
@@ -289,11 +305,13 @@ Objective = Callable[[Tensor], Tensor]
 def optimize(objective: Objective, C: Tensor, budget: float, alpha0: Tensor, *, steps: int, lr: float,
              tau_start: float = 1.0, tau_end: float = 0.01, samples: int = 1, resolution: int = 500,
              final: Units | None = None, generator: torch.Generator | None = None,
+             available: Tensor | None = None,
              callback: Callable[[StepRecord], None] | None = None) -> RCOResult:
     """Minimise ``objective(p)`` (``p [N, K]`` one-hot-like, differentiable) over assignments with
     cost ``B``. ``alpha0`` must lie on the budget (:func:`uniform_init`, :func:`sensitivity_init`).
 
-    ``final`` gives the exact integer costs for the last DP (default: ``C`` at ``resolution·20``).
+    ``final`` gives the exact integer costs for the last DP (default: ``C`` at ``resolution·20``);
+    ``available`` (``[N, K]`` bool) marks the options a group can take (others are never chosen).
 
     Raises:
         NumericsError: the objective or its gradient is NaN/Inf (the step is named).
@@ -310,10 +328,10 @@ def optimize(objective: Objective, C: Tensor, budget: float, alpha0: Tensor, *, 
         total, hard_cost = 0.0, 0.0
         for _ in range(samples):
             a = alpha.detach().requires_grad_(True)
-            p, hard = gumbel_straight_through(a, tau, units, cap, generator)
+            p, hard = gumbel_straight_through(a, tau, units, cap, generator, available)
             loss = objective(p)
-            if not torch.isfinite(loss):
-                raise NumericsError(f"the objective is {float(loss)} at step {step}",
+            if not torch.isfinite(loss.detach()):
+                raise NumericsError(f"the objective is {float(loss.detach())} at step {step}",
                                     "check the calibration data; lower --lr")
             loss.backward()
             assert a.grad is not None
@@ -331,19 +349,20 @@ def optimize(objective: Objective, C: Tensor, budget: float, alpha0: Tensor, *, 
         history.append(rec)
         if callback is not None:
             callback(rec)
-    choice, total_units = discretize(alpha, C, budget, final, resolution * 20)
+    choice, total_units = discretize(alpha, C, budget, final, resolution * 20, available)
     return RCOResult(alpha, choice, total_units, history)
 
 
 def discretize(alpha: Tensor, C: Tensor, budget: float, final: Units | None = None,
-               resolution: int = 10000) -> tuple[Tensor, int]:
+               resolution: int = 10000, available: Tensor | None = None) -> tuple[Tensor, int]:
     """The MCKP maximising ``Σ log p_ik`` at the exact budget (``final``'s integer costs) or the
     nearest feasible capacity."""
     logp = torch.log_softmax(alpha.to(torch.float64), dim=1)
+    values = _masked(-logp, available)
     if final is None:
         units, cap = scaled_units(C.to(torch.float64), budget, resolution)
-        return mckp(units, -logp, cap, exact=True)
-    return mckp(final.units, -logp, final.capacity, exact=True)
+        return mckp(units, values, cap, exact=True)
+    return mckp(final.units, values, final.capacity, exact=True)
 
 
 # -- the greedy baseline --------------------------------------------------------------------------

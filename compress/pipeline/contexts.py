@@ -45,6 +45,8 @@ class RunContext:
     #: live (``auto``: on the device when they fit, see :func:`compress.device.offload_activations`)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     activations: ActivationMode = "auto"
+    #: the stage's calibration windows (a plan step that scores the whole model reads them)
+    calibration: Calibration | None = None
 
     def add_shared(self, group: str, tensors: dict[str, torch.Tensor]) -> SharedTensors:
         """Store ``tensors`` once as shared group ``group`` (``compress_shared.group.*`` in the
