@@ -71,9 +71,10 @@ class RCOConfig(PassConfig):
         "what to spend: average code bits per allocated weight (3.0bits) or bytes of the allocated linears (40MB)"))
     options: list[str] = Field(default_factory=lambda: ["gptq:2,3,4,8"], description=(
         "candidates per group: gptq:W1,W2,... (code widths) and lowrank:R1,... (parameter ratios)"))
-    search: Literal["rco", "greedy", "sensitivity"] = Field("rco", description=(
+    search: Literal["rco", "greedy", "sensitivity", "uniform"] = Field("rco", description=(
         "rco: Riemannian optimisation of the whole-model loss; greedy: error-per-cost upgrades; "
-        "sensitivity: the exact knapsack over the database's per-layer errors"))
+        "sensitivity: the exact knapsack over the database's per-layer errors; uniform: every group at "
+        "the gptq width equal to a bits budget (the baseline, from the same database)"))
     objective: Literal["kl", "ce"] = Field("kl", description="loss of the interpolated model: KL to the dense model or CE")
     steps: int = Field(100, ge=1, le=100000, description="optimisation steps")
     lr: float = Field(0.1, gt=0.0, le=100.0, description="Adam learning rate on the logits")

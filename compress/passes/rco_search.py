@@ -103,6 +103,13 @@ def allocate(p: RCOPass, stats: BlockStats, run: RunContext) -> RCOPlan:
     if cfg.search == "greedy":
         choice = rco.greedy(torch.where(tab.available, tab.errors, torch.full_like(tab.errors, float("inf"))),
                             tab.cost.to(torch.float64), float(target))
+    elif cfg.search == "uniform":
+        k = next((k for k, o in enumerate(options) if o.method == "gptq" and budget.unit == "bits"
+                  and o.value == budget.value), None)
+        if k is None:
+            raise CompressError(f"--search uniform needs a bits budget equal to one gptq option (got {budget.text})",
+                                "e.g. --budget 3bits with --options gptq:2,3,4,8")
+        choice = torch.full((len(tab.layers),), k, dtype=torch.int64)
     elif cfg.search == "sensitivity" or len(options) == 1 or target in (lo, hi):
         values = torch.where(tab.available, tab.errors, torch.full_like(tab.errors, float("inf")))
         choice, _ = rco.mckp(final.units, values, final.capacity, exact=True)
