@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from compress.algos import rco, svd
+from compress.algos import svd
 from compress.algos.gptq import gptq_quantize, relative_output_error
 from compress.algos.quant import QuantizedWeight, QuantSpec, split_rows
 from compress.errors import CompressError

@@ -106,14 +106,12 @@ def test_reference_assignment_reproduces_the_reference_model(tiny_llama: Path, t
                                                             capsys: pytest.CaptureFixture) -> None:
     """The interpolated model at p = onehot(reference) is the 8-bit model built from the database."""
     from compress.passes import rco_objective
-    from compress.passes.rco_plan import parse_options
 
     out = tmp_path / "w8"
     a = _allocate(tiny_llama, out, ["--budget", "8bits", "--search", "uniform"], monkeypatch, capsys)
     built = compress.load(out)
     w8 = {n: m.dequantized_weight(torch.float32) for n, m in built.named_modules()
           if hasattr(m, "dequantized_weight")}
-    options = parse_options(["gptq:2,3,4,8"])
     groups = [[f"model.layers.{g['layer']}.{n}" for n in g["names"]] for g in a["groups"]]
     windows = torch.randint(0, 200, (2, 16))
 

@@ -111,7 +111,7 @@ def test_projection_is_tangent_and_transport_keeps_moment_tangent() -> None:
 
 def test_every_step_stays_on_the_budget_and_a_separable_objective_reaches_the_dp_optimum() -> None:
     g = torch.Generator().manual_seed(3)
-    N, K = 6, 3
+    N = 6
     sizes = torch.tensor([1, 2, 1, 3, 2, 1])
     bits = torch.tensor([2, 3, 4])
     cost_int = sizes[:, None] * bits[None, :]  # weight-bits
