@@ -163,6 +163,9 @@ class RCOPass(Pass):
             "hessian_dtype": c.hessian_dtype, "tie": c.tie, "targets": c.targets, "ignore": c.ignore})
 
     def check_input(self, adapter: Adapter, manifest: dict) -> None:
+        if not adapter.causal:
+            raise CompressError(f"{adapter.name} is an encoder: RCO's objective is the KL of a language model's "
+                                "next-token distribution", "use compress quantize --allocate baq on encoders")
         if manifest.get("modules") or manifest.get("transforms"):
             raise CompressError("allocate needs a dense checkpoint (this one is already compressed)",
                                 "allocate first, then apply other passes")

@@ -195,7 +195,8 @@ def assignment_figure(plan: RCOPlan, title: str) -> Figure:
         ax2.plot([h["step"] for h in plan.history], [h["loss"] for h in plan.history], lw=0.8)
         ax2.set_xlabel("step")
         ax2.set_ylabel(plan.objective)
-        ax2.set_yscale("log")
+        if min(h["loss"] for h in plan.history) > 0:
+            ax2.set_yscale("log")
     ax2.set_title(f"realised {plan.realized_average_bits:.4f} bits", fontsize=8)
     fig.tight_layout()
     return fig

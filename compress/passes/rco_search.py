@@ -60,14 +60,14 @@ def read_table(p: RCOPass, stats: BlockStats, run: RunContext) -> Table:
             nbytes.append(b)
             errors.append(block[key].cpu())
             bits.append(torch.tensor([code_bits(o, max(int(x), 0), n) for o, x in zip(options, b.tolist(), strict=True)],
-                                     dtype=torch.float64))
+                                     dtype=torch.float64, device="cpu"))
     if not layers:
         raise CompressError("the database holds no allocated linear", "check --target / --ignore")
     nb = torch.stack(nbytes)
     err = torch.stack(errors).to(torch.float64)
     avail = (nb >= 0) & torch.isfinite(err)
     bits_t = torch.stack(bits)
-    w = torch.tensor(weights, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64, device="cpu")
     if p.config.parsed_budget().unit == "bytes":
         cost = nb.clone()
     else:
@@ -109,7 +109,7 @@ def allocate(p: RCOPass, stats: BlockStats, run: RunContext) -> RCOPlan:
         if k is None:
             raise CompressError(f"--search uniform needs a bits budget equal to one gptq option (got {budget.text})",
                                 "e.g. --budget 3bits with --options gptq:2,3,4,8")
-        choice = torch.full((len(tab.layers),), k, dtype=torch.int64)
+        choice = torch.full((len(tab.layers),), k, dtype=torch.int64, device="cpu")
     elif cfg.search == "sensitivity" or len(options) == 1 or target in (lo, hi):
         values = torch.where(tab.available, tab.errors, torch.full_like(tab.errors, float("inf")))
         choice, _ = rco.mckp(final.units, values, final.capacity, exact=True)
@@ -187,9 +187,9 @@ def _weights(p: RCOPass, block: dict[str, Tensor], names: list[str], options: li
 
 def _plan(p: RCOPass, tab: Table, options: list[Option], text: str, unit: str, target: int, choice: Tensor,
           feasible: tuple[float, float], extra: dict) -> RCOPlan:
-    rows = torch.arange(len(tab.layers))
+    rows = torch.arange(len(tab.layers), device="cpu")
     total = tab.total
-    w = torch.tensor(tab.weights, dtype=torch.float64)
+    w = torch.tensor(tab.weights, dtype=torch.float64, device="cpu")
     spent = int(tab.cost[rows, choice].sum())
     nb = tab.nbytes[rows, choice]
     probs = extra.pop("probability", None)

@@ -38,6 +38,9 @@ CASES = {
                                                         "steps": 4}}], "lut", 0.2),
     # ε close to 1 makes every role's layers one cluster: the shared-basis path in every family
     "svd_cluster 0.9": ([{"pass": "svd_cluster", "config": {"ratio": 0.9, "error": 0.99}}], "lowrank-shared", 0.75),
+    # the interpolated model (every family's forward with InterpolatedLinear swapped in) and the database build
+    "rco 6 bits of 4/8": ([{"pass": "rco", "config": {"budget": "6bits", "options": ["gptq:4,8"], "steps": 2,
+                                                       "windows": 2, "group_size": 32}}], "quant", 0.2),
 }
 
 
@@ -46,7 +49,8 @@ CASES = {
 SENSITIVITY = {"gemma2": 2.0, "gemma3_text": 2.0}
 REFUSED = {("opt", "slicegpt"): True, ("bert", "slicegpt"): True, ("gemma2", "slicegpt"): True,
            ("gemma3_text", "slicegpt"): True, ("phi3", "structprune"): True,
-           ("bert", "structprune"): True, ("phi3", "svd_cluster"): True}
+           ("bert", "structprune"): True, ("phi3", "svd_cluster"): True,
+           ("bert", "rco"): True}
 
 
 @pytest.fixture(scope="module")

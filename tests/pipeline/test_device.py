@@ -45,6 +45,7 @@ PASS_CASES = {
     "nupes-learn": ("nupes", {"bits": 3, "group_size": 32, "init": "gptq", "learn": True, "steps": 3,
                               "exponent": "channel"}),
     "svd_cluster": {"ratio": 0.8, "error": 0.9},
+    "rco": {"budget": "6bits", "options": ["gptq:4,8"], "steps": 2, "windows": 2, "group_size": 32},
 }
 
 
