@@ -377,11 +377,57 @@ def svd_cluster() -> str:
     return "\n".join(lines)
 
 
+def rco() -> str:
+    """RCO vs BAQ, uniform GPTQ and greedy at 2.5 / 3 / 3.5 average bits (benchmarks/rco.py)."""
+    path = RESULTS / "rco.json"
+    if not path.is_file():
+        return "| row | PPL |\n|---|---|\n| — | not measured |"
+    d = json.loads(path.read_text())
+    lines = ["| row | PPL | KL | top-1 | realised bits | options (share of weights) | s/step | optimise s | "
+             "bytes on disk | wall | peak RSS | command |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | {d['dense']['ppl']:.2f} | — | — | — | — | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — |"]
+    for r in d.get("rows", []):
+        a = r.get("assignment") or {}
+        shares = " ".join(f"{k}:{100 * v:.0f}%" for k, v in a.get("shares", {}).items()) or "—"
+        bits = f"{a['realized_average_bits']:.4f}" if a else "—"
+        sps = f"{a['seconds_per_step']:.2f}" if a.get("seconds_per_step") else "—"
+        opt = f"{a['optimize_seconds']:.0f}" if a.get("optimize_seconds") else "—"
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {bits} | {shares} | {sps} | "
+                     f"{opt} | {_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} s | {_gb(r['peak_rss_bytes'])} | "
+                     f"`{r['command']}` |")
+    acc = d.get("acceptance", {})
+    budgets = [k for k in acc if k != "mixed"]
+    if budgets:
+        lines += ["", "| budget | RCO PPL | peers (PPL) | RCO / best peer | ≤ every peer | abs(avg − B) bits | met |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in budgets:
+            a = acc[b]
+            peers = ", ".join(f"{k} {v:.2f}" for k, v in a["peers"].items()) or "—"
+            ratio = "—" if a["ratio_to_best_peer"] is None else f"{a['ratio_to_best_peer']:.4f}"
+            met = a["le_every_peer"] and a["budget_met"]
+            lines.append(f"| {b} | {a['rco_ppl']:.2f} | {peers} | {ratio} | {'yes' if a['le_every_peer'] else 'no'} | "
+                         f"{a['budget_error_bits']:.1e} | {'yes' if met else 'no'} |")
+    if "mixed" in acc:
+        m = acc["mixed"]
+        lines += ["", f"Mixed methods (gptq + lowrank at the uniform-3 byte budget): PPL {m['mixed_ppl']:.2f} vs "
+                      f"bits-only RCO {m['bits_only_ppl']:.2f} ({'beats' if m['beats_bits_only'] else 'does not beat'} it)."]
+    db = next((r["database"] for r in d.get("rows", []) if "database" in r), None)
+    if db:
+        per = ", ".join(f"{k} {v:.0f} s" for k, v in db["per_option_s"].items())
+        lines += ["", f"Candidate database solves (summed from the database): {per}; total {db['total_s']:.0f} s."]
+    m = d["machine"]
+    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
+    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
+                  "GPU: not measured (no device lent)."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
              "plan-truth": plan_truth, "device-map": device_map,
-             "structprune": structprune, "baq": baq, "nupes": nupes, "svd-cluster": svd_cluster}
+             "structprune": structprune, "baq": baq, "nupes": nupes, "svd-cluster": svd_cluster,
+             "rco": rco}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())
