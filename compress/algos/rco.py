@@ -266,6 +266,16 @@ def uniform_init(C: Tensor, budget: float) -> Tensor:
     return retract(torch.zeros_like(C, dtype=torch.float64), C.to(torch.float64), budget)[0]
 
 
+def budget_init(bits: Tensor, C: Tensor, budget: float, width: float = 1.0) -> Tensor:
+    """Every group peaked at the options whose per-weight cost ``bits [N, K]`` is nearest the
+    average budget: ``α_ik = −(bits_ik − B̄)² / (2·width²)``, retracted onto the budget (``B̄`` in
+    the same per-weight units as ``bits``, i.e. ``budget / Σ_i w_i`` when ``C = w·bits``)."""
+    w = (C.to(torch.float64) / bits.to(torch.float64).clamp_min(1e-30)).mean(dim=1)  # (N,) group weights
+    mean_bits = budget / float(w.sum())
+    alpha = -((bits.to(torch.float64) - mean_bits) ** 2) / (2.0 * width ** 2)
+    return retract(alpha, C.to(torch.float64), budget)[0]
+
+
 def sensitivity_init(errors: Tensor, C: Tensor, budget: float) -> Tensor:
     """``α_ik = −log(err_ik / Σ_k err_ik)`` centred per group, retracted onto the budget. Zero or
     unavailable (``inf``) errors are floored / given ``α = −∞``-like logits (``−60`` below the row)."""

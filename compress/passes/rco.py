@@ -84,8 +84,9 @@ class RCOConfig(PassConfig):
         "calibration windows the objective cycles over (the dense log-probs of each are cached)"))
     tau_start: float = Field(1.0, gt=0.0, le=100.0, description="Gumbel temperature at the first step")
     tau_end: float = Field(0.01, gt=0.0, le=100.0, description="Gumbel temperature at the last step")
-    init: Literal["sensitivity", "uniform"] = Field("sensitivity", description=(
-        "starting logits: -log(normalised error) per group, or the same preference for every group"))
+    init: Literal["budget", "sensitivity", "uniform"] = Field("budget", description=(
+        "starting logits: budget (every group peaked at the widths nearest the average), sensitivity "
+        "(-log normalised error per group, the reference's) or uniform (alpha = -beta * cost)"))
     resolution: int = Field(500, ge=10, le=100000, description="DP units per budget unit in each step's hard sample")
     tie: Literal["fused", "none"] = Field("fused", description=(
         "fused: q/k/v and gate/up share one option (what vLLM needs); none: every linear alone"))

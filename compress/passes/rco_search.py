@@ -155,7 +155,10 @@ def _optimize(p: RCOPass, tab: Table, run: RunContext, stats: BlockStats, C: Ten
                                 batch=cfg.batch, device=run.device,
                                 delta_dtype=getattr(torch, cfg.delta_dtype))
     setup = time.perf_counter() - t0
-    if cfg.init == "uniform":
+    if cfg.init == "budget":
+        per_weight = C / torch.tensor(tab.weights, dtype=torch.float64, device="cpu")[:, None] * tab.total
+        alpha0 = rco.retract(rco.mask_logits(rco.budget_init(per_weight, C, B), tab.available), C, B)[0]
+    elif cfg.init == "uniform":
         alpha0 = rco.retract(rco.mask_logits(torch.zeros_like(C), tab.available), C, B)[0]
     else:
         err = torch.where(tab.available, tab.errors, torch.full_like(tab.errors, float("inf")))

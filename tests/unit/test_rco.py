@@ -146,7 +146,10 @@ def test_nan_objective_stops_naming_the_step() -> None:
 
 def test_inits_lie_on_the_budget_and_sensitivity_prefers_cheap_options_where_they_cost_little() -> None:
     C, B, _ = _problem(4, N=5)
-    for a in (rco.uniform_init(C, B),
+    bits = torch.tensor([[2.0, 3.0, 4.0, 8.0]] * 5, dtype=torch.float64)
+    peaked = rco.budget_init(bits, C, B)
+    assert (torch.softmax(peaked, 1).argmax(1) == 1).all()  # B = 3.1: every group peaks at 3 bits
+    for a in (rco.uniform_init(C, B), peaked,
               rco.sensitivity_init(torch.rand(5, 4, dtype=torch.float64) + 0.01, C, B)):
         assert abs(float(rco.expected_cost(a, C)) - B) < 1e-10
     err = torch.tensor([[1.0, 0.5, 0.25, 0.01]] * 4 + [[100.0, 10.0, 1.0, 0.1]], dtype=torch.float64)
