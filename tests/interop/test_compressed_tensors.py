@@ -239,3 +239,25 @@ def test_unknown_module_kind_is_refused(interop_llama: Path, tmp_path: Path) -> 
     (out / "compression.json").write_text(json.dumps(manifest))
     with pytest.raises(CompressError, match="unknown module kind 'hologram'"):
         compress.load(out)
+
+
+def test_rco_mixed_widths_load_in_transformers_grouped_per_width(interop_llama: Path, tmp_path: Path) -> None:
+    """An RCO assignment over 2/4/8 bits exports one config group per width, fused siblings in one
+    group, and plain transformers + compressed-tensors computes what compress.load does."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    cfg = {"budget": "4.5bits", "options": ["gptq:2,4,8"], "search": "sensitivity", "group_size": 32}
+    out = compress.run({"calibration": SMOKE, "stages": [{"pass": "rco", "config": cfg}]}, interop_llama,
+                       tmp_path / "out")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qc)
+    widths = {s.weights.num_bits for s in parsed.config_groups.values()}
+    assert len(widths) == len(parsed.config_groups) >= 2
+    named = {t: s.weights.num_bits for s in parsed.config_groups.values() for t in s.targets if t != "Linear"}
+    default = next(s.weights.num_bits for s in parsed.config_groups.values() if s.targets == ["Linear"])
+    for i in range(2):  # the fixture's two blocks
+        for prefix, fused in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            bits = {named.get(f"model.layers.{i}.{prefix}.{n}", default) for n in fused}
+            assert len(bits) == 1, (i, fused, bits)
+    theirs, ours = _hf_logits(out), _ours_logits(out)
+    assert _rel(theirs, ours) <= 1e-5, _rel(theirs, ours)
