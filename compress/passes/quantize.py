@@ -55,13 +55,7 @@ class QuantConfig(PassConfig):
     @field_validator("group_size", mode="before")
     @classmethod
     def _group(cls, v: object) -> object:
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            v = int(v)
-        if v in (0, -1, None):
-            return None
-        if isinstance(v, int) and not isinstance(v, bool) and not 8 <= v <= 65536:
-            raise ValueError("must be 0 (per channel), auto, or a number of columns in [8, 65536]")
-        return v
+        return parse_group_size(v)
 
     def resolved(self, widths: set[int]) -> QuantConfig:
         """This config with ``auto`` replaced by the group size chosen for these input widths."""
@@ -77,6 +71,18 @@ class QuantConfig(PassConfig):
 
 
 AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def parse_group_size(v: object) -> object:
+    """A ``group_size`` value as given (number, ``"64"``, ``auto``; 0/-1/None = per channel),
+    checked to lie in [8, 65536]."""
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if v in (0, -1, None):
+        return None
+    if isinstance(v, int) and not isinstance(v, bool) and not 8 <= v <= 65536:
+        raise ValueError("must be 0 (per channel), auto, or a number of columns in [8, 65536]")
+    return v
 
 
 def auto_group_size(widths: set[int]) -> int:

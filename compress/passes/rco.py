@@ -41,7 +41,7 @@ from compress.algos.quant import QuantizedWeight, QuantSpec, split_rows
 from compress.errors import CompressError
 from compress.modules.lowrank import LowRankLinear
 from compress.modules.quant_linear import QuantLinear
-from compress.passes.quantize import auto_group_size, single_thread
+from compress.passes.quantize import auto_group_size, parse_group_size, single_thread
 from compress.passes.rco_plan import (
     Budget, GroupChoice, Option, RCOPlan, assignment_figure, code_bits, fmt_range, option_bytes, parse_budget,
     parse_options)
@@ -104,13 +104,7 @@ class RCOConfig(PassConfig):
     @field_validator("group_size", mode="before")
     @classmethod
     def _group(cls, v: object) -> object:
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            v = int(v)
-        if v in (0, -1, None):
-            return None
-        if isinstance(v, int) and not isinstance(v, bool) and not 8 <= v <= 65536:
-            raise ValueError("must be 0 (per channel), auto, or a number of columns in [8, 65536]")
-        return v
+        return parse_group_size(v)
 
     @field_validator("budget")
     @classmethod
