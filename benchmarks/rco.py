@@ -58,6 +58,7 @@ def _rows() -> dict[str, tuple[str, list[str]]]:
             rows["uniform-2"] = ("allocate", ["--budget", "2bits", *OPTIONS, "--search", "uniform"])
         if b == "3.5":
             rows["uniform-4"] = ("allocate", ["--budget", "4bits", *OPTIONS, "--search", "uniform"])
+    rows["rco-3.0-lr0.3"] = ("allocate", ["--budget", "3.0bits", *OPTIONS, *STEPS, "--lr", "0.3"])  # ablation
     rows["mixed-3.0"] = ("allocate", ["--budget", "MIXED", *OPTIONS, "--options", "lowrank:0.1,0.2", *STEPS])
     return rows
 
