@@ -41,7 +41,7 @@ from compress.algos.quant import QuantizedWeight, QuantSpec, split_rows
 from compress.errors import CompressError
 from compress.modules.lowrank import LowRankLinear
 from compress.modules.quant_linear import QuantLinear
-from compress.passes.quantize import auto_group_size, parse_group_size, single_thread
+from compress.passes.quantize import _install_module, auto_group_size, parse_group_size, single_thread
 from compress.passes.rco_plan import (
     Budget, GroupChoice, Option, RCOPlan, assignment_figure, code_bits, fmt_range, option_bytes, parse_budget,
     parse_options)
@@ -381,19 +381,19 @@ def _try_module(ctx: LayerContext, rel: str) -> nn.Module | None:
 
 def _install(ctx: LayerContext, name: str, dense: nn.Module, module: nn.Module, H: Tensor, opt: Option,
              dt: float, choice: GroupChoice) -> LayerRecord:
-    W = dense.weight.detach()
-    ctx.replace(name, module)
-    if isinstance(module, LowRankLinear):
-        deq = (module.U.float() @ module.V.float()).T
-        kind = "lowrank"
-    else:
-        deq = module.dequantized_weight(torch.float32)  # type: ignore[operator]
-        kind = "quant"
-    nbytes = sum(b.numel() * b.element_size() for k, b in module.state_dict().items() if not k.endswith("bias"))
-    werr = float(((W.float() - deq) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
+    """Swap ``dense`` for the chosen module; quant modules get the GPTQ pass's own record."""
     extra: dict[str, float | int | str] = {"option": opt.label, "group_error": choice.error}
     if choice.probability is not None:
         extra["probability"] = choice.probability
-    return LayerRecord(stage="rco", layer=ctx.index, module=ctx.prefix + name, kind=kind,
+    if not isinstance(module, LowRankLinear):
+        rec = _install_module(ctx, name, module, "rco", dt, H)
+        rec.extra.update(extra)
+        return rec
+    W = dense.weight.detach()
+    ctx.replace(name, module)
+    deq = (module.U.float() @ module.V.float()).T
+    nbytes = sum(b.numel() * b.element_size() for k, b in module.state_dict().items() if not k.endswith("bias"))
+    werr = float(((W.float() - deq) ** 2).sum() / (W.float() ** 2).sum().clamp_min(1e-30))
+    return LayerRecord(stage="rco", layer=ctx.index, module=ctx.prefix + name, kind="lowrank",
                        bits=8 * nbytes / W.numel(), error=relative_output_error(W.float(), deq, H),
                        weight_error=werr, time_s=dt, bytes=nbytes, params=W.numel(), extra=extra)
