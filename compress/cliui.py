@@ -110,6 +110,12 @@ def output_notes(manifest: dict) -> list[str]:
             lines.append("loads in: compress.load, and transformers with compressed-tensors installed")
         else:
             lines.append(f"loads in: compress.load only: {export.get('reason')}")
+    elif "transformed-input" in kinds:
+        dense = ((manifest.get("notes") or {}).get("flatquant") or {}).get("dense_sites")
+        if dense:
+            lines.append(f"no Kronecker factorisation for {', '.join(dense)}: a dense transform is used there")
+        lines.append("loads in: compress.load only: online transforms and quantised activations have no "
+                     "compressed-tensors format")
     elif "pruned" in kinds:
         plain = ((manifest.get("notes") or {}).get("structprune") or {}).get("plain_transformers")
         lines.append("loads in: compress.load, and plain transformers (every block has the same widths)" if plain
