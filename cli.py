@@ -211,7 +211,7 @@ def make_quantize_command() -> Any:
 
     def command(**kw: Any) -> None:
         values = cliopts.given(flags, kw)
-        method = kw["method"].value if kw["method"] is not None else cliopts.grid_method(values.get("grid"), family)
+        method = kw["method"].value if kw["method"] is not None else cliopts.grid_method(values, family)
         spec = family[method]
         own = set(spec.config_cls.model_fields)
         foreign = [fl.name for fl in flags if fl.field in values and fl.field not in own]

@@ -137,13 +137,18 @@ def parameters(flags: list[Flag]) -> list[inspect.Parameter]:
     return [fl.parameter() for fl in flags]
 
 
-def grid_method(grid: object, family: dict[str, Any]) -> str:
-    """The method ``compress quantize`` runs without ``--method``: the pass whose config has
-    ``grid`` as its grid (``--grid power``: nupes), else gptq."""
+def grid_method(values: dict[str, Any], family: dict[str, Any]) -> str:
+    """The method ``compress quantize`` runs without ``--method``: the pass whose config has the
+    given ``grid`` as its grid (``--grid power``: nupes), else the only pass that has every given
+    option (``--act-bits``/``--transform``: flatquant), else gptq."""
+    grid = values.get("grid")
     if grid is not None:
         value = getattr(grid, "value", grid)
         for name, spec in family.items():
             field = spec.config_cls.model_fields.get("grid")
             if field is not None and field.default == value:
                 return name
+    owners = [n for n, spec in family.items() if all(f in spec.config_cls.model_fields for f in values)]
+    if len(owners) == 1:
+        return owners[0]
     return "gptq"

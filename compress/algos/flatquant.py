@@ -180,7 +180,7 @@ def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = t
     """A Haar-random ``n × n`` orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
     g = torch.randn(n, n, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
-    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(dtype)
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(dtype).contiguous()
 
 
 def random_hadamard(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:

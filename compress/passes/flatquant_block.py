@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import orthogonal
 
 from compress.algos.flatquant import (CLIP_INIT, clip_rows, factor_pair, fake_quant_act, fake_quant_kv,
                                       fake_quant_weight, kron_apply, random_hadamard, random_orthogonal)
@@ -29,39 +28,47 @@ SITE_OF = {"self_attn.q_proj": "ln", "self_attn.k_proj": "ln", "self_attn.v_proj
 class Factor(nn.Module):
     """One ``n × n`` transform factor ``P`` and its inverse transpose.
 
-    ``orthogonal``: ``U · diag(σ) · Vᵀ`` with ``U, V`` kept orthogonal by a Cayley
-    parametrisation, so ``P^(−T) = U · diag(1/σ) · Vᵀ`` is exact and free; ``direct``: a plain
-    matrix whose inverse is taken in float64; ``fixed``: a constant (the Hadamard baseline).
+    ``orthogonal``: ``U · diag(σ) · Vᵀ`` with ``U = U₀ · C(A_u)`` and ``V = C(A_v)``, where
+    ``C(A) = (I − A)⁻¹ (I + A)`` is the Cayley map of a skew-symmetric ``A = S − Sᵀ`` (orthogonal
+    for every ``S``; ``S = 0`` at the start, so ``P`` starts at the random orthogonal ``U₀``) and
+    ``P^(−T) = U · diag(1/σ) · Vᵀ`` is exact and free; ``direct``: a plain matrix whose inverse is
+    taken in float64; ``fixed``: a constant (the Hadamard baseline).
     """
 
     def __init__(self, n: int, mode: str, init: Tensor) -> None:
         super().__init__()
         self.n, self.mode = n, mode
         if mode == "orthogonal":
-            self.u = orthogonal(_linear(init), orthogonal_map="cayley", use_trivialization=False)
-            self.v = orthogonal(_linear(init), orthogonal_map="cayley", use_trivialization=False)
+            self.register_buffer("u0", init.clone())
+            self.s_u = nn.Parameter(torch.zeros(n, n))
+            self.s_v = nn.Parameter(torch.zeros(n, n))
             self.sigma = nn.Parameter(torch.ones(n))
         elif mode == "direct":
             self.p = nn.Parameter(init.clone())
         else:
             self.register_buffer("p", init.clone())
 
+    def _uv(self) -> tuple[Tensor, Tensor]:
+        return self.u0 @ _cayley(self.s_u), _cayley(self.s_v)
+
     def matrix(self) -> Tensor:
         if self.mode == "orthogonal":
-            return self.u.weight @ torch.diag(self.sigma) @ self.v.weight.t()
+            u, v = self._uv()
+            return (u * self.sigma) @ v.t()
         return self.p
 
     def inverse_t(self) -> Tensor:
         if self.mode == "orthogonal":
-            return self.u.weight @ torch.diag(1 / self.sigma) @ self.v.weight.t()
+            u, v = self._uv()
+            return (u / self.sigma) @ v.t()
         return torch.linalg.inv(self.p.to(torch.float64)).t().to(self.p.dtype)
 
 
-def _linear(init: Tensor) -> nn.Linear:
-    lin = nn.Linear(init.shape[0], init.shape[0], bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(init)
-    return lin
+def _cayley(s: Tensor) -> Tensor:
+    """``(I − A)⁻¹ (I + A)`` with ``A = S − Sᵀ``: orthogonal, the identity at ``S = 0``."""
+    a = s - s.t()
+    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    return torch.linalg.solve(eye - a, eye + a)
 
 
 class Site(nn.Module):
