@@ -40,11 +40,11 @@ from compress.eval import eval_token_windows, score  # noqa: E402
 
 PROTOCOL = "brown-512"
 W4A4KV4 = ["--bits", "4", "--act-bits", "4", "--kv-bits", "4"]
-ROWS: dict[str, list[str]] = {
-    "flatquant-w4a4kv4": [*W4A4KV4, "--transform", "flatquant"],
+ROWS: dict[str, list[str]] = {  # the peers of the acceptance first, then FlatQuant, then the rest
     "hadamard-w4a4kv4": [*W4A4KV4, "--transform", "hadamard"],
-    "smooth-w4a4kv4": [*W4A4KV4, "--transform", "smooth"],
     "rtn-w4a4kv4": [*W4A4KV4, "--transform", "none"],
+    "flatquant-w4a4kv4": [*W4A4KV4, "--transform", "flatquant"],
+    "smooth-w4a4kv4": [*W4A4KV4, "--transform", "smooth"],
     "rtn-w4a8": ["--bits", "4", "--act-bits", "8", "--transform", "none"],
     "hadamard-w4a8": ["--bits", "4", "--act-bits", "8", "--transform", "hadamard"],
     "gptq-w4a16": ["--method", "gptq", "--bits", "4"],
