@@ -199,7 +199,11 @@ def _decode_runner(model: nn.Module, timer: BlockTimer, clock: _Clock, prompt_id
                    steps: int) -> Callable[[], list[float]]:
     """Fill the KV cache with ``prompt_ids``, then ``steps`` greedy one-token steps; their wall times."""
     def run() -> list[float]:
-        out = model(input_ids=prompt_ids, use_cache=True, **_forward_kwargs(model))
+        from compress.modules.flat_attention import code_cache
+
+        cache = code_cache(model)  # a FlatQuant model decodes from a code cache
+        first = {} if cache is None else _cache_kwargs(model, type("Out", (), {"cache": cache})())
+        out = model(input_ids=prompt_ids, use_cache=True, **_forward_kwargs(model), **first)
         times = []
         for _ in range(steps):
             nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]

@@ -72,6 +72,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, sample
 
     from compress.api import load
     from compress.assets import resolve_model
+    from compress.modules.flat_attention import code_cache
     from compress.placement import input_device, main_device
 
     _check_options(prompt, max_new_tokens, temperature, top_p)
@@ -88,7 +89,9 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, sample
                            **({"temperature": temperature, "top_p": top_p} if sample else {}))
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    cache = code_cache(lm)  # FlatQuant's KV quantisation: keep the codes, not the values
+    extra = {} if cache is None else {"past_key_values": cache}
+    out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **extra)
     seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]  # [new_tokens]
     return Generation(text=tok.decode(new, skip_special_tokens=True), prompt_tokens=int(ids.shape[1]),

@@ -9,8 +9,8 @@ Keys are rotated per head after RoPE by a learned ``P_k`` (queries by ``P_k^(−
 :func:`attend` is the attention core shared by the calibration (FlatQuant's trainable block) and
 serving; :func:`apply_flat_attention` turns a block's HF attention into one that runs it, with
 ``kv_quant`` (a :class:`KVQuantizer`) holding the per-block tensors. Quantised K/V enter the
-cache, so a cache holds exactly the values a quantised cache would dequantise to
-(:class:`compress.modules.kv_cache.QuantizedKVCache` stores them as codes).
+cache: a :class:`compress.modules.kv_cache.QuantizedKVCache` stores their codes, any other cache
+the dequantised values (the same numbers).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from compress.algos.flatquant import fake_quant_kv
+from compress.algos.flatquant import asym_codes, fake_quant_kv
 from compress.modules.kinds import register_transform
+from compress.modules.kv_cache import Codes, QuantizedKVCache
 
 
 class KVQuantizer(nn.Module):
@@ -43,14 +44,24 @@ class KVQuantizer(nn.Module):
         self.register_buffer("k_clip", torch.ones(2, **kw))
         self.register_buffer("v_clip", torch.ones(2, **kw))
 
-    def keys(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def _rotated(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         if self.k_transform is not None:
             q = q @ self.k_transform_inv_t.to(q.dtype)
             k = k @ self.k_transform.to(k.dtype)
+        return q, k
+
+    def keys(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        q, k = self._rotated(q, k)
         return q, fake_quant_kv(k, self.k_bits, (self.k_clip[0], self.k_clip[1]))
 
     def values(self, v: Tensor) -> Tensor:
         return fake_quant_kv(v, self.v_bits, (self.v_clip[0], self.v_clip[1]))
+
+    def codes(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Codes, Codes]:
+        """The rotated query and the codes of K and V (what :class:`QuantizedKVCache` stores)."""
+        q, k = self._rotated(q, k)
+        return (q, asym_codes(k, self.k_bits, (self.k_clip[0], self.k_clip[1])),
+                asym_codes(v, self.v_bits, (self.v_clip[0], self.v_clip[1])))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, k_bits={self.k_bits}, v_bits={self.v_bits}"
@@ -80,10 +91,14 @@ def attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, position_embeddings
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]
     cos, sin = position_embeddings
     q, k = _modeling(attn).apply_rotary_pos_emb(q, k, cos, sin)
-    q, k = kv.keys(q, k)
-    v = kv.values(v)
-    if cache is not None:
-        k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+    if isinstance(cache, QuantizedKVCache) and isinstance(kv, KVQuantizer) and max(kv.k_bits, kv.v_bits) <= 8:
+        q, kc, vc = kv.codes(q, k, v)
+        k, v = cache.update_codes(attn.layer_idx, kc, vc, (kv.k_bits, kv.v_bits), q.dtype)
+    else:
+        q, k = kv.keys(q, k)
+        v = kv.values(v)
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
     impl = attn.config._attn_implementation
     if impl == "eager" or impl not in ALL_ATTENTION_FUNCTIONS:
         fn = _modeling(attn).eager_attention_forward
@@ -104,6 +119,15 @@ class _FlatAttentionMixin:
         out = attend(self, self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
                      position_embeddings, attention_mask, cache, self.kv_quant, **kwargs)
         return self.o_proj(out), None
+
+
+def code_cache(model: nn.Module) -> QuantizedKVCache | None:
+    """A fresh :class:`QuantizedKVCache` when ``model`` has FlatQuant's quantised attention."""
+    for m in model.modules():
+        kv = getattr(m, "kv_quant", None)
+        if isinstance(kv, KVQuantizer) and max(kv.k_bits, kv.v_bits) <= 8:
+            return QuantizedKVCache()
+    return None
 
 
 _CLASSES: dict[type, type] = {}

@@ -31,7 +31,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from compress.algos.flatquant import condition_number, smooth_scale, weight_scale
+from compress.algos.gptq import gptq_quantize
 from compress.algos.quant import QuantizedWeight, QuantSpec
+from compress.calib.hessian import GramAccumulator
 from compress.calib.pipeline import block_output
 from compress.errors import CompressError, NumericsError
 from compress.modules.flat_attention import KVQuantizer, apply_flat_attention
@@ -67,6 +69,8 @@ class FlatQuantConfig(QuantConfig):
         alpha: exponent of the initial scaling ``w_max^(1−α) / x_max^α`` (default 0.3 for
             flatquant, FlatQuant's; 0.5 for smooth, SmoothQuant's).
         lwc / lac: learnable weight / activation (and KV) clipping.
+        weights: ``rtn`` (the reference's default) or ``gptq`` on the transformed, clipped weights
+            with Hessians of the linears' quantised, transformed calibration inputs.
         learn_scale: train the per-channel scaling (else it keeps its initial value).
         amp: train under bfloat16 autocast (the reference's mixed precision).
     """
@@ -87,6 +91,8 @@ class FlatQuantConfig(QuantConfig):
     lac: bool = Field(True, description="learnable activation and KV clipping")
     learn_scale: bool = Field(True, description="train the per-channel scaling")
     amp: bool = Field(True, description="train under bfloat16 autocast")
+    weights: Literal["rtn", "gptq"] = Field("rtn", description="weight quantiser after the transform: rtn|gptq")
+    damp: float = Field(0.01, gt=0.0, le=1.0, description="GPTQ damping, fraction of mean diag(H)")
 
     @model_validator(mode="after")
     def _per_channel(self) -> FlatQuantConfig:
@@ -142,7 +148,7 @@ class FlatQuantPass(Pass):
     def describe(self) -> str:
         c = self.config
         train = f", {c.epochs} epochs at lr {c.lr:g}" if c.trains() else ""
-        return f"flatquant: {self.scheme()} ({c.transform} transforms{train})"
+        return f"flatquant: {self.scheme()} ({c.transform} transforms{train}, {c.weights} weights)"
 
     def estimate_bytes(self, out_features: int, in_features: int, rel_name: str) -> int | None:
         if not self.config.selects(rel_name):
@@ -188,7 +194,8 @@ class FlatQuantPass(Pass):
         t_train = time.perf_counter() - t_train
         after = _block_loss(block, st, targets, c.batch) if c.trains() else before
         self._losses.append((ctx.index, before, after))
-        records = _export(block, ctx, run, c, dtype)
+        hessians = _hessians(block, st, targets, c.batch) if c.weights == "gptq" else None
+        records = _export(block, ctx, run, c, dtype, hessians)
         st.hidden, targets.hidden = targets.hidden, st.hidden  # the dense outputs go on (FlatQuant's rule)
         ctx.propagated = True
         layer.to(dtype)
@@ -312,9 +319,9 @@ def _train(block: FlatBlock, st: CalibState, targets: CalibState, c: FlatQuantCo
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.amp):
                 out = block(x.float(), **kw)
                 loss = nn.functional.mse_loss(out.float(), y.float())
-            if not bool(torch.isfinite(loss)):
+            if not bool(torch.isfinite(loss.detach())):
                 raise NumericsError(f"flatquant training diverged in block {index} (epoch {epoch + 1}: loss "
-                                    f"{float(loss)})", "lower --lr, or train without --amp")
+                                    f"{float(loss.detach())})", "lower --lr, or train without --amp")
             opt.zero_grad(set_to_none=True)
             (loss / loss.detach()).backward()
             opt.step()
@@ -323,8 +330,20 @@ def _train(block: FlatBlock, st: CalibState, targets: CalibState, c: FlatQuantCo
 
 # -- export ----------------------------------------------------------------------------------------
 @torch.no_grad()
+def _hessians(block: FlatBlock, st: CalibState, targets: CalibState, size: int) -> dict[str, Tensor]:
+    """Mean ``XᵀX`` (float64) of every linear's quantised, transformed calibration input."""
+    block.grams = {n: GramAccumulator(block.layer.get_submodule(n).in_features) for n in SITE_OF}
+    try:
+        for x, _, kw in _sub_batches(st, targets, size):
+            block(x.float(), **kw)
+        return {n: g.mean() for n, g in block.grams.items()}
+    finally:
+        block.grams = None
+
+
+@torch.no_grad()
 def _export(block: FlatBlock, ctx: LayerContext, run: RunContext, c: FlatQuantConfig,
-            dtype: torch.dtype) -> list[LayerRecord]:
+            dtype: torch.dtype, hessians: dict[str, Tensor] | None = None) -> list[LayerRecord]:
     """Fold and quantise in float64; install the transformed-input linears and the attention."""
     block = block.double()
     block.work_dtype = torch.float64
@@ -340,7 +359,8 @@ def _export(block: FlatBlock, ctx: LayerContext, run: RunContext, c: FlatQuantCo
         if name == "mlp.up_proj" and s["down"].d is not None:  # down's scaling into up's rows
             d = s["down"].d
             w, b = w * d.unsqueeze(1), None if b is None else b * d
-        inner, werr = _quantized(w, b, c.bits)
+        H = None if hessians is None else hessians[name]
+        inner, werr = _quantized(w, b, c.bits) if H is None else _gptq(w, b, H, c)
         form, group = groups[site]
         clip = block.act_clip(name)
         mult = (1.0, 1.0) if clip is None else (float(clip[0]), float(clip[1]))
@@ -369,6 +389,14 @@ def _quantized(w: Tensor, b: Tensor | None, bits: int) -> tuple[QuantLinear, flo
     codes = torch.clamp(torch.round(w / scale.double()), -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
     qw = QuantizedWeight(codes.to(torch.int8), scale, None, QuantSpec(bits, None, True, False, torch.float32))
     deq = codes * scale.double()
+    err = float(((w - deq) ** 2).sum() / (w ** 2).sum().clamp_min(1e-300))
+    return QuantLinear.from_quantized(qw, None if b is None else b.float()), err
+
+
+def _gptq(w: Tensor, b: Tensor | None, H: Tensor, c: FlatQuantConfig) -> tuple[QuantLinear, float]:
+    """GPTQ of the transformed weight (per channel, symmetric, fp32 scales); its relative error."""
+    qw, _ = gptq_quantize(w.float(), H, QuantSpec(c.bits, None, True, False, torch.float32), percdamp=c.damp)
+    deq = qw.dequantize(torch.float64)
     err = float(((w - deq) ** 2).sum() / (w ** 2).sum().clamp_min(1e-300))
     return QuantLinear.from_quantized(qw, None if b is None else b.float()), err
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from compress.algos.flatquant import (CLIP_INIT, clip_rows, factor_pair, fake_quant_act, fake_quant_kv,
                                       fake_quant_weight, kron_apply, random_hadamard, random_orthogonal)
+from compress.calib.hessian import GramAccumulator
 from compress.modules.flat_attention import attend
 
 #: the linears of a llama-family block and the site whose transform their input takes
@@ -179,6 +180,8 @@ class FlatBlock(nn.Module):
         self.spec = spec
         #: dtype the weights are transformed in (float64 at export)
         self.work_dtype = torch.float32
+        #: when set, each linear's (quantised) input is added to its accumulator (GPTQ's Hessians)
+        self.grams: dict[str, GramAccumulator] | None = None
         attn, mlp = layer.self_attn, layer.mlp
         hidden, inter = attn.q_proj.in_features, mlp.down_proj.in_features
         hd = attn.head_dim
@@ -233,6 +236,8 @@ class FlatBlock(nn.Module):
         w, b = self.weight(name)
         w = fake_quant_weight(w, self.spec.w_bits)
         xq = fake_quant_act(x, self.spec.a_bits, self.act_clip(name))
+        if self.grams is not None:
+            self.grams[name].add(xq)
         return nn.functional.linear(xq, w.to(xq.dtype), None if b is None else b.to(xq.dtype))
 
     # -- forward ------------------------------------------------------------------------------
