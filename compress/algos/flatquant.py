@@ -178,7 +178,7 @@ def fake_quant_kv(x: Tensor, bits: int, clip: Clip | None = None) -> Tensor:
 
 def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
     """A Haar-random ``n × n`` orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
-    g = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    g = torch.randn(n, n, generator=generator, dtype=torch.float64, device=generator.device)
     q, r = torch.linalg.qr(g)
     return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(dtype).contiguous()
 
@@ -188,13 +188,13 @@ def random_hadamard(n: int, generator: torch.Generator, dtype: torch.dtype = tor
     column signs when ``n`` is a power of two (QuaRot), else a Kronecker product of the largest
     power-of-two Hadamard dividing ``n`` and a random orthogonal matrix of the odd rest."""
     p2 = n & (-n)  # largest power of two dividing n
-    h = torch.ones(1, 1, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=torch.float64, device=generator.device)
     while h.shape[0] < p2:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     h = h / math.sqrt(p2)
     if p2 != n:
         h = torch.kron(random_orthogonal(n // p2, generator, torch.float64), h)
-    signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
+    signs = torch.randint(0, 2, (n,), generator=generator, device=generator.device).to(torch.float64) * 2 - 1
     return (h * signs.unsqueeze(0)).to(dtype)
 
 

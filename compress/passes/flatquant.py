@@ -160,7 +160,7 @@ class FlatQuantPass(Pass):
         if c.targets or c.ignore:
             raise CompressError("flatquant transforms every linear of every block; --target/--ignore do not apply",
                                 "drop --target and --ignore")
-        self._gen = torch.Generator().manual_seed(torch.initial_seed())  # the recipe's seed
+        self._seed = torch.initial_seed()  # the recipe's seed (set by the runner just before)
         self._losses: list[tuple[int, float, float]] = []
         self._noted_dense = False
         if c.kv_bits < 16:
@@ -185,7 +185,10 @@ class FlatQuantPass(Pass):
             smooth = _initial_scaling(layer, absmax, c.scaling_alpha())
         spec = BlockSpec(self._mode(), c.bits, c.act_bits, c.kv_bits, c.kv_bits, c.lwc and c.trains(),
                          c.lac and c.trains(), c.learn_scale and c.trains())
-        block = FlatBlock(layer, spec, self._gen, smooth).to(st.device or st.hidden.device)
+        gen = torch.Generator().manual_seed((self._seed + 7919 * (ctx.index + 1)) % 2**63)  # per block: resumable
+        with torch.device("cpu"):  # built on the host (its generator's device), then moved
+            block = FlatBlock(layer, spec, gen, None if smooth is None else {k: v.cpu() for k, v in smooth.items()})
+        block = block.to(st.device or st.hidden.device)
         self._note_dense(block, run)
         before = _block_loss(block, st, targets, c.batch)
         t_train = time.perf_counter()

@@ -46,6 +46,7 @@ PASS_CASES = {
                               "exponent": "channel"}),
     "svd_cluster": {"ratio": 0.8, "error": 0.9},
     "rco": {"budget": "6bits", "options": ["gptq:4,8"], "steps": 2, "windows": 2, "group_size": 32},
+    "flatquant": {"bits": 4, "act_bits": 4, "kv_bits": 4, "epochs": 1},
 }
 
 
@@ -87,7 +88,7 @@ def test_no_implicit_allocation_on_the_default_device(case: str, src: Path, tmp_
 
 
 @pytest.mark.parametrize("case", ["gptq", "gptq-actorder-mse", "lowrank", "slicegpt", "structprune", "nupes-learn",
-                                  "svd_cluster"])
+                                  "svd_cluster", "flatquant"])
 def test_host_offloaded_activations_give_the_same_tensors(case: str, src: Path, tmp_path: Path) -> None:
     name, config = _cases()[case]
     on_device = _run(src, tmp_path / "d", name, config, device="cpu", activations="device")

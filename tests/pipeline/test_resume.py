@@ -45,10 +45,12 @@ CASES = {
     "gptq-dense": [{"pass": "gptq", "config": {"bits": 4, "propagate": "dense"}}],
     "slicegpt": [{"pass": "slicegpt", "config": {"sparsity": 0.25}}],
     "slice-then-gptq": [{"pass": "slicegpt", "config": {"sparsity": 0.25}}, {"pass": "gptq", "config": {"bits": 4}}],
+    # dense outputs carried between blocks, per-block random inits, shared groups and the attention transform
+    "flatquant": [{"pass": "flatquant", "config": {"bits": 4, "act_bits": 4, "kv_bits": 4, "epochs": 2}}],
 }
 
 
-@pytest.mark.parametrize("case", ["gptq-dense", "slicegpt", "slice-then-gptq"])
+@pytest.mark.parametrize("case", ["gptq-dense", "slicegpt", "slice-then-gptq", "flatquant"])
 def test_killed_run_resumes_to_identical_tensors(case: str, tiny_llama: Path, tmp_path: Path) -> None:
     recipe = {"calibration": CAL, "stages": CASES[case]}
     full = run_recipe(parse_recipe(recipe), tiny_llama, tmp_path / "full")
