@@ -232,8 +232,8 @@ def make_quantize_command() -> Any:
     command.__signature__ = _params(  # type: ignore[attr-defined]
         _head_params(), [_p("method", method_opt, None)], cliopts.parameters(flags),
         cliopts.parameters(CALIB_FLAGS), [_p("seed", SeedOpt, 0)])
-    command.__doc__ = ("Quantise every block linear of MODEL: GPTQ (default), RTN, or NUPES' power grid (--grid "
-                       "power). Calibration options apply to gptq and to nupes with --init gptq or --learn.")
+    command.__doc__ = ("Quantise every block linear of MODEL: GPTQ (default), RTN, NUPES' power grid (--grid power) or "
+                       "FlatQuant W4A4 (--act-bits, --kv-bits). Calibration options apply to the calibrating methods.")
     return command
 
 

@@ -106,7 +106,8 @@ def acceptance(res: dict) -> dict:
     fq = by.get("flatquant-w4a4kv4")
     if fq is None:
         return {}
-    out: dict = {"flatquant_ppl": fq["ppl"], "dense_ppl": res["dense"]["ppl"], "ratio_to_dense": fq["ppl"] / res["dense"]["ppl"]}
+    dense = res["dense"]["ppl"]
+    out: dict = {"flatquant_ppl": fq["ppl"], "dense_ppl": dense, "ratio_to_dense": fq["ppl"] / dense}
     for peer, limit in (("hadamard-w4a4kv4", 0.7), ("rtn-w4a4kv4", 0.5)):
         if peer in by:
             ratio = fq["ppl"] / by[peer]["ppl"]

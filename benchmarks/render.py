@@ -7,6 +7,7 @@ Usage: python benchmarks/render.py quant-quality | quant-cost | kernels-e2e | de
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -422,12 +423,57 @@ def rco() -> str:
     return "\n".join(lines)
 
 
+def flatquant() -> str:
+    """FlatQuant W4A4 KV4 vs RTN, Hadamard and SmoothQuant baselines, W4A8 and W4A16 (benchmarks/flatquant.py)."""
+    path = RESULTS / "flatquant.json"
+    if not path.is_file():
+        return "| row | PPL |\n|---|---|\n| — | not measured |"
+    d = json.loads(path.read_text())
+    dense = d["dense"]["ppl"]
+    lines = ["| row | PPL | PPL / dense | KL | top-1 | bytes on disk | wall | peak RSS | command |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| dense | {dense:.2f} | 1.00 | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — |"]
+    for r in d.get("rows", []):
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | "
+                     f"{_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} s | {_gb(r['peak_rss_bytes'])} | `{r['command']}` |")
+    acc = d.get("acceptance", {})
+    peers = [k for k in acc if isinstance(acc[k], dict)]
+    if peers:
+        lines += ["", "| FlatQuant W4A4 KV4 vs | peer PPL | ratio | limit | met |", "|---|---|---|---|---|"]
+        for k in peers:
+            a = acc[k]
+            lines.append(f"| {k} | {a['ppl']:.2f} | {a['ratio']:.3f} | ≤ {a['limit']} | {'yes' if a['met'] else 'no'} |")
+    fq = next((r for r in d.get("rows", []) if "training" in r and r["training"]["train_s_total"] > 0), None)
+    if fq:
+        t = fq["training"]
+        b = t["blocks"]
+        lines += ["", f"Calibration ({fq['name']}, CPU): {t['block_s_median']:.0f} s per block (median), "
+                      f"{t['block_s_total']:.0f} s over {len(b)} blocks ({t['train_s_total']:.0f} s training); "
+                      f"block-output MSE after / before training: median "
+                      f"{statistics.median(x['mse_after'] / x['mse_before'] for x in b):.3f}."]
+    bench = (d.get("bench") or {}).get("result")
+    if bench:
+        lines += ["", "| phase | W4A4 KV4 latency | dense latency | ratio | W4A4 peak | dense peak |",
+                  "|---|---|---|---|---|---|"]
+        for ph in bench["phases"]:
+            c, n = ph["compressed"], ph["dense"]
+            what = f"{ph['phase']} {ph['tokens']}"
+            lines.append(f"| {what} | {1000 * c['latency_s']:.1f} ms | {1000 * n['latency_s']:.1f} ms | "
+                         f"{c['latency_s'] / n['latency_s']:.2f}× | {_gb(c['peak_bytes'])} | {_gb(n['peak_bytes'])} |")
+        lines += ["", f"`{d['bench']['command']}` ({bench['device']}, per-token decode latency)."]
+    m = d["machine"]
+    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
+    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
+                  "GPU: not measured (no device lent)."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
              "plan-truth": plan_truth, "device-map": device_map,
              "structprune": structprune, "baq": baq, "nupes": nupes, "svd-cluster": svd_cluster,
-             "rco": rco}
+             "rco": rco, "flatquant": flatquant}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

@@ -74,8 +74,12 @@ def _scheme(entry: dict) -> tuple:
 def ecosystem_refusal(modules: dict[str, dict], transforms: list[dict]) -> str | None:
     """Why plain ``transformers`` + ``compressed-tensors`` could not load this output (None: it can)."""
     if transforms:
-        kinds = ", ".join(sorted({t.get("kind", "?") for t in transforms}))
-        return f"the model's shapes were changed ({kinds}); transformers cannot rebuild them from config.json"
+        kinds = sorted({t.get("kind", "?") for t in transforms})
+        if kinds == ["flatquant-attention"]:
+            return ("the attention quantises its keys and values behind a learned key transform "
+                    "(flatquant-attention), which config.json cannot describe")
+        return (f"the model's shapes were changed ({', '.join(kinds)}); transformers cannot rebuild them "
+                "from config.json")
     reasons = sorted({r for n, e in modules.items()
                       if (r := get_kind(e.get("kind")).export_refusal(parse_entry(n, e))) is not None})
     if reasons:

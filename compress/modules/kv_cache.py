@@ -85,7 +85,8 @@ class CodeLayer(DynamicLayer):
         self.length += k[0].shape[-2]
         return self.k_store.decoded(dtype), self.v_store.decoded(dtype)
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object,
+               **kwargs: object) -> tuple[Tensor, Tensor]:
         raise RuntimeError("a QuantizedKVCache is filled by FlatQuant's attention (update_codes), "
                            "not with dense keys and values")
 

@@ -103,7 +103,8 @@ def test_w4a4_kv4_loads_validates_evaluates_and_generates(tiny_llama: Path, tmp_
 
 @pytest.mark.parametrize("transform", ["none", "hadamard", "smooth"])
 def test_baselines_of_the_family_need_no_training(transform: str, tiny_llama: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / transform
     _quantize(tiny_llama, out, [*W4A4, "--kv-bits", "4", "--transform", transform], monkeypatch, capsys)
     model = compress.load(out)
