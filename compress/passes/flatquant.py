@@ -42,6 +42,7 @@ from compress.modules.quant_linear import QuantLinear
 from compress.modules.transformed import TransformedInput
 from compress.passes.flatquant_block import SITE_OF, BlockSpec, FlatBlock
 from compress.passes.quantize import QuantConfig
+from compress.pipeline.memory import MemoryShape
 from compress.pipeline.pass_api import Needs, Pass
 from compress.registry import register_pass
 from compress.report import LayerRecord
@@ -154,6 +155,21 @@ class FlatQuantPass(Pass):
         if not self.config.selects(rel_name):
             return None
         return out_features * math.ceil(in_features * self.config.bits / 32) * 4 + out_features * 4
+
+    def plan_memory(self, shape: MemoryShape) -> dict[str, int]:
+        c = self.config
+        per_window = shape.activation_bytes // max(shape.windows, 1)
+        per_token = per_window // max(shape.seq_len, 1)
+        # one step keeps, per token, the fp32 inputs and outputs of every transform, quantiser and
+        # linear of the block (about 12 hidden-wide and 8 intermediate-wide vectors) for backward
+        graph = per_token // max(shape.elem, 1) * 4 * shape.seq_len * min(c.batch, shape.batch_size)
+        terms = {"dense block outputs (training targets)": shape.activation_bytes,
+                 "transformed weights, grads and Adam state of one block": 6 * shape.block_bytes}
+        if c.trains():
+            terms["autograd graph of one training step"] = graph * (12 + 8 * shape.intermediate // max(shape.hidden, 1))
+        if c.weights == "gptq":
+            terms["Hessians of one block"] = shape.gram_bytes
+        return terms
 
     def begin(self, run: RunContext) -> None:
         c = self.config
