@@ -136,3 +136,31 @@ def scored(model: object, windows: object, dense: object | None = None) -> dict:
     if dense is not None:
         out.update({"kl": s["kl"] / s["tokens"], "top1": s["agree"] / s["tokens"]})
     return out
+
+
+def ensure_dense(res: dict, dense: object, src: object, windows: object, store: object) -> None:
+    """``res["dense"]``: PPL of the loaded ``dense`` model on ``windows`` and the bytes of its
+    checkpoint ``src``, measured and stored once (a rerun keeps the earlier figure)."""
+    import math
+
+    import torch
+
+    from compress.checkpoint import CheckpointReader
+    from compress.eval import score
+
+    if "dense" in res:
+        return
+    with torch.no_grad():
+        s = score(dense, windows)
+    res["dense"] = {"ppl": math.exp(s["nll"] / s["tokens"]), "bytes_on_disk": CheckpointReader(src).total_bytes()}
+    store(res)  # type: ignore[operator]
+
+
+def rows_to_run(names: list[str], rows: list[dict], only: str | None) -> list[str]:
+    """The rows a run measures: every name not yet in ``rows``, or (``--only a,b``) exactly those,
+    whose old rows are dropped from ``rows``."""
+    if only is None:
+        return [n for n in names if not any(r["name"] == n for r in rows)]
+    chosen = [n for n in names if n in set(only.split(","))]
+    rows[:] = [r for r in rows if r["name"] not in chosen]
+    return chosen

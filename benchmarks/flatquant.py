@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -32,11 +31,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, not benc
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save, scored  # noqa: E402
+from benchmarks.common import (RESULTS, SMOLLM2_LABEL, compress_cmd, ensure_dense, machine, measured,  # noqa: E402
+                               merge_save, rows_to_run, scored)
 from compress.api import load  # noqa: E402
 from compress.assets import cache_dir, materialize  # noqa: E402
 from compress.checkpoint import CheckpointReader  # noqa: E402
-from compress.eval import eval_token_windows, score  # noqa: E402
+from compress.eval import eval_token_windows  # noqa: E402
 
 PROTOCOL = "brown-512"
 W4A4KV4 = ["--bits", "4", "--act-bits", "4", "--kv-bits", "4"]
@@ -135,21 +135,10 @@ def main() -> None:
     res.setdefault("commands", {})["run"] = "python benchmarks/flatquant.py"
     dense = load(src)
     windows = eval_token_windows(src, PROTOCOL, None)
-    if "dense" not in res:
-        with torch.no_grad():
-            s = score(dense, windows)
-        res["dense"] = {"ppl": math.exp(s["nll"] / s["tokens"]), "bytes_on_disk": CheckpointReader(src).total_bytes()}
-        store(res)
+    ensure_dense(res, dense, src, windows, store)
     rows = res.setdefault("rows", [])
-    only = set(a.only.split(",")) if a.only else None
-    for name, opts in ROWS.items():
-        if only is not None:
-            if name not in only:
-                continue
-            rows[:] = [r for r in rows if r["name"] != name]
-        elif any(r["name"] == name for r in rows):
-            continue
-        rows.append(run_row(src, work, name, opts, dense, windows))
+    for name in rows_to_run(list(ROWS), rows, a.only):
+        rows.append(run_row(src, work, name, ROWS[name], dense, windows))
         res["acceptance"] = acceptance(res)
         store(res)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "training"}), flush=True)
