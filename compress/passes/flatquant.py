@@ -185,6 +185,13 @@ class FlatQuantPass(Pass):
             run.transforms.append({"kind": "flatquant-attention", "head_dim": hd, "k_bits": c.kv_bits,
                                    "v_bits": c.kv_bits, "k_transform": c.transform not in ("none", "smooth")})
 
+    def carry_state(self) -> dict[str, object]:
+        return {"losses": [list(x) for x in self._losses], "noted_dense": self._noted_dense}
+
+    def restore_carry(self, state: dict[str, object]) -> None:
+        self._losses = [(int(i), float(b), float(a)) for i, b, a in state.get("losses", [])]  # type: ignore[union-attr]
+        self._noted_dense = bool(state.get("noted_dense", False))
+
     # -- one block ---------------------------------------------------------------------------------
     def process_layer(self, ctx: LayerContext, run: RunContext) -> list[LayerRecord]:
         c, st, layer = self.config, ctx.state, ctx.layer
