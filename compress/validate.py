@@ -18,6 +18,8 @@ Default tolerances (:data:`DEFAULT_TOLERANCE`), per activation dtype:
   in the Frobenius norm), so 1e-2 leaves headroom for bf16 operands on tensor cores;
 * fp16 ``1e-3``: fp16 rounding (2^-11 ≈ 5e-4) with the same reasoning.
 
+A module whose path computes in bf16 whatever the input dtype (``compute_dtype(x)``: torch's
+native CPU int4/int8 ops, :mod:`compress.kernels.native_cpu`) is held to the bf16 tolerance.
 A NaN or Inf in either output always fails. A compressed module that does not implement the
 protocol cannot be vouched for and also makes the run fail.
 """
@@ -139,6 +141,9 @@ def check_module(name: str, kind: str, module: nn.Module, *, ms: list[int], dtyp
             ref = module.reference_forward(x)
             rel, mx = errors(y, ref)
             tol = tolerance[dt]
+            compute = getattr(module, "compute_dtype", None)  # a path computing in bf16 is held to bf16's
+            if callable(compute) and compute(x) == torch.bfloat16:
+                tol = max(tol, tolerance.get("bf16", DEFAULT_TOLERANCE["bf16"]))
             checks.append(Check(name, kind, dt, m, module.kernel_path(x), rel, mx, tol,
                                 bool(rel <= tol)))  # NaN compares False
     return checks

@@ -31,6 +31,7 @@ from compress.modules.protocol import DecodedWeightCache
 from compress.modules.kinds import KindEntry, ModuleKind, SharedTensors, dtype_bytes, original_dtype, register_kind
 from compress.kernels.packing import (SUPPORTED_BITS, group_index, legacy_packed_len, pack_int32, packed_len, repack_legacy,
                              unpack_int32)
+from compress.kernels import native_cpu
 from compress.kernels.quant_matmul import dequantize, path_label, quant_matmul
 
 
@@ -102,10 +103,27 @@ class QuantLinear(DecodedWeightCache, nn.Module):
                           bits=self.bits, group_size=self.group_size,
                           in_features=self.in_features, dtype=dtype or self.weight_scale.dtype)
 
+    def _native(self, x: Tensor) -> native_cpu.NativeWeight | None:
+        """The weight in torch's native CPU layout, when ``x`` is served by it (built once per
+        device and cached on the module, not stored)."""
+        if x.device.type != "cpu" or not native_cpu.enabled(x) or self.weight_packed.is_meta or self.legacy_packing:
+            return None
+        if native_cpu.unsupported(self.bits, self.group_size, self.in_features, self.out_features, self.symmetric) is not None:
+            return None
+        nw = getattr(self, "_native_weight", None)
+        if nw is None or nw.packed.device != self.weight_packed.device:
+            nw = native_cpu.prepare(self.weight_packed, self.weight_scale, self.weight_zero_point, bits=self.bits,
+                                    group_size=self.group_size, in_features=self.in_features)
+            object.__setattr__(self, "_native_weight", nw)
+        return nw
+
     def forward(self, x: Tensor) -> Tensor:
         cached = self._decoded_forward(x)
         if cached is not None:
             return cached
+        nw = self._native(x)
+        if nw is not None:
+            return native_cpu.native_linear(x, nw, self.bias)
         return quant_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             bits=self.bits, group_size=self.group_size,
                             in_features=self.in_features, bias=self.bias)
@@ -127,7 +145,14 @@ class QuantLinear(DecodedWeightCache, nn.Module):
         """The code path ``forward(x)`` takes (see :func:`compress.kernels.quant_matmul.path_label`)."""
         if self._dense is not None:
             return "dense cache"
+        nw = self._native(x)
+        if nw is not None:
+            return native_cpu.label(nw)
         return path_label(x, self.out_features, self.in_features)
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype ``forward(x)`` computes in (bf16 on the native CPU path; else ``x.dtype``)."""
+        return native_cpu.compute_dtype() if self._native(x) is not None else x.dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
