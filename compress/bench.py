@@ -62,6 +62,11 @@ class PhaseResult:
     block_weight_bytes: dict[str, int]
     threads: int
     peak_reset_after_load: bool
+    #: the kernel path of every compressed linear at this phase's rows, counted (``compress inspect``'s labels)
+    paths: dict[str, int] = field(default_factory=dict)
+    #: bytes of weights one step reads (decode: every tensor but the embedding table, which only a
+    #: tied head reads whole; prefill: the same), for the roofline
+    bytes_per_step: int = 0
 
 
 @dataclass
@@ -78,6 +83,8 @@ class BenchReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     #: the ``--device-map`` both models were placed with (None: all on ``device``)
     device_map: Any = None
+    #: a STREAM-like copy on the measured device in the same run: bytes read + written per second
+    copy_bandwidth_Bps: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -248,12 +255,56 @@ def measure(model_dir: str, phase: str, tokens: int, *, repeats: int = 3, prompt
             run()
     _, peak = _memory(dev)
     med = statistics.median(lat)
+    rows = 1 if phase == "decode" else tokens
     return PhaseResult(phase=phase, tokens=tokens, latency_s=med,
                        tokens_per_s=(tokens if phase == "prefill" else 1) / med, latencies_s=lat,
                        loaded_bytes=loaded, peak_bytes=peak, transient_bytes=max(peak - loaded, 0),
                        weight_bytes=_nbytes(model), blocks_s=timer.medians(),
                        block_weight_bytes={f"{adapter.layers}.{i}": _nbytes(b) for i, b in enumerate(blocks)},
-                       threads=torch.get_num_threads(), peak_reset_after_load=reset)
+                       threads=torch.get_num_threads(), peak_reset_after_load=reset,
+                       paths=_paths(model, rows, dev), bytes_per_step=_step_bytes(model, adapter))
+
+
+def _paths(model: nn.Module, rows: int, dev: torch.device) -> dict[str, int]:
+    """How many compressed linears take each kernel path for ``rows`` rows (``kernel_path``)."""
+    from collections import Counter
+
+    from compress.modules.protocol import validatable_modules
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    out: Counter[str] = Counter()
+    for _, mod in validatable_modules(model):
+        x = torch.zeros(rows, int(mod.in_features), dtype=dtype, device=dev)
+        out[mod.kernel_path(x)] += 1
+    return dict(out)
+
+
+def _step_bytes(model: nn.Module, adapter: Any) -> int:
+    """Weight bytes one forward step streams: everything but the token table's unread rows (a tied
+    head reads the whole table; otherwise one row per token is negligible)."""
+    from compress.model import get_module
+
+    total = _nbytes(model)
+    emb = get_module(model, adapter.token_embedding)
+    head = get_module(model, adapter.head) if adapter.head else None
+    tied = head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None)
+    return total if tied else total - _nbytes(emb)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes per second (read + write) of the best of ``repeats`` copies of an ``nbytes`` buffer."""
+    a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * a.element_size() / best
 
 
 def _child_main(argv: list[str]) -> None:
@@ -371,6 +422,8 @@ def run_bench(model: str | Path, against: str | Path | None = None, *, seqs: lis
             done += 1
         report.phases.append(_phase_row(phase, tokens, res))
         report.layers += _layer_rows(phase, tokens, res)
+    if device_map is None:
+        report.copy_bandwidth_Bps = copy_bandwidth(torch.device(device))
     if progress:
         progress(total, total, "done")
     return report

@@ -38,9 +38,33 @@ def phase_table(report: BenchReport) -> Table:
                   f"{_mb(c['transient_bytes'])} ({_mb(d.get('transient_bytes'))})")
     if report.phases:
         c, d = report.phases[0]["compressed"], report.phases[0]["dense"] or {}
-        t.caption = (f"weights: {_mb(c['weight_bytes'])} MB vs dense {_mb(d.get('weight_bytes'))} MB; "
-                     f"memory: fresh process per phase, peak RSS (CPU) / max_memory_allocated (CUDA)")
+        lines = [f"weights: {_mb(c['weight_bytes'])} MB vs dense {_mb(d.get('weight_bytes'))} MB; "
+                 f"memory: fresh process per phase, peak RSS (CPU) / max_memory_allocated (CUDA)"]
+        lines += roofline_lines(report)
+        t.caption = "\n".join(lines)
     return t
+
+
+def roofline_lines(report: BenchReport) -> list[str]:
+    """Decode's achieved bandwidth (weight bytes per step / step time) against the copy bandwidth
+    measured in the same run, and the kernel path of every compressed linear at M = 1."""
+    lines = []
+    bw = report.copy_bandwidth_Bps
+    for row in report.phases:
+        if row["phase"] != "decode":
+            continue
+        for label in ("compressed", "dense"):
+            r = row.get(label)
+            if not r or not r.get("bytes_per_step"):
+                continue
+            achieved = r["bytes_per_step"] / r["latency_s"]
+            share = f" = {100 * achieved / bw:.0f}% of the {bw / 1e9:.1f} GB/s copy bandwidth" if bw else ""
+            lines.append(f"roofline ({label}): {r['bytes_per_step'] / 1e6:.1f} MB of weights per token / "
+                         f"{1000 * r['latency_s']:.2f} ms = {achieved / 1e9:.2f} GB/s{share}")
+        paths = (row.get("compressed") or {}).get("paths") or {}
+        if paths:
+            lines.append("paths at M = 1: " + "; ".join(f"{n}× {p}" for p, n in sorted(paths.items(), key=lambda kv: -kv[1])))
+    return lines
 
 
 def layer_table(report: BenchReport) -> Table:

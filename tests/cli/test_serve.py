@@ -129,6 +129,11 @@ def test_bench_compressed_vs_dense(tiny_w4: Path, tiny_llama: Path, tmp_path: Pa
         assert c["peak_bytes"] >= c["loaded_bytes"] > 0 and c["weight_bytes"] < d["weight_bytes"]
     assert len(rep["layers"]) == 3 * 2 and all(r["dense_s"] and r["compressed_s"] for r in rep["layers"])
     assert rep["against"] == str(tiny_llama) and "in-process" in rep["memory_method"]
+    # the roofline: weight bytes per step (a tied head reads the whole table) against a copy in the same run
+    dec = rep["phases"][1]
+    assert rep["copy_bandwidth_Bps"] > 1e8
+    assert dec["dense"]["bytes_per_step"] == dec["dense"]["weight_bytes"]  # tiny_llama's head is tied
+    assert sum(dec["compressed"]["paths"].values()) == 3 * 7 and "roofline (compressed)" in out
 
 
 def test_bench_child_process(tiny_w4: Path, tiny_llama: Path) -> None:
