@@ -63,7 +63,8 @@ def roofline_lines(report: BenchReport) -> list[str]:
                          f"{1000 * r['latency_s']:.2f} ms = {achieved / 1e9:.2f} GB/s{share}")
         paths = (row.get("compressed") or {}).get("paths") or {}
         if paths:
-            lines.append("paths at M = 1: " + "; ".join(f"{n}× {p}" for p, n in sorted(paths.items(), key=lambda kv: -kv[1])))
+            ranked = sorted(paths.items(), key=lambda kv: -kv[1])
+            lines.append("paths at M = 1: " + "; ".join(f"{n}× {p}" for p, n in ranked))
     return lines
 
 

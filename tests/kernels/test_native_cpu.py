@@ -20,7 +20,8 @@ def _module(out_f: int, in_f: int, bits: int, gs: int | None, sym: bool) -> Quan
     g = torch.Generator().manual_seed(out_f * in_f)
     w = torch.randn(out_f, in_f, generator=g)
     x = torch.randn(200, in_f, generator=g, dtype=torch.float64)
-    qw = gptq_quantize(w, x.T @ x / 200, QuantSpec(bits, gs, sym))[0] if bits == 4 else rtn_quantize(w, QuantSpec(bits, gs, sym))
+    spec = QuantSpec(bits, gs, sym)
+    qw = gptq_quantize(w, x.T @ x / 200, spec)[0] if bits == 4 else rtn_quantize(w, spec)
     return QuantLinear.from_quantized(qw, torch.randn(out_f, generator=g))
 
 
