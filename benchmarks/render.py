@@ -430,19 +430,20 @@ def flatquant() -> str:
         return "| row | PPL |\n|---|---|\n| — | not measured |"
     d = json.loads(path.read_text())
     dense = d["dense"]["ppl"]
-    lines = ["| row | PPL | PPL / dense | KL | top-1 | bytes on disk | wall | peak RSS | command |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| dense | {dense:.2f} | 1.00 | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — |"]
+    lines = ["| row | calibration | PPL | PPL / dense | KL | top-1 | bytes on disk | wall | peak RSS | command |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | — | {dense:.2f} | 1.00 | — | — | {_gb(d['dense']['bytes_on_disk'])} | — | — | — |"]
     for r in d.get("rows", []):
-        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | "
-                     f"{_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} s | {_gb(r['peak_rss_bytes'])} | `{r['command']}` |")
+        lines.append(f"| {r['name']} | {r.get('calibration') or '—'} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | "
+                     f"{r['kl']:.3f} | {r['top1']:.3f} | {_gb(r['bytes_on_disk'])} | {r['wall_s']:.0f} s | "
+                     f"{_gb(r['peak_rss_bytes'])} | `{r['command']}` |")
     acc = d.get("acceptance", {})
-    peers = [k for k in acc if isinstance(acc[k], dict)]
-    if peers:
-        lines += ["", "| FlatQuant W4A4 KV4 vs | peer PPL | ratio | limit | met |", "|---|---|---|---|---|"]
-        for k in peers:
-            a = acc[k]
-            lines.append(f"| {k} | {a['ppl']:.2f} | {a['ratio']:.3f} | ≤ {a['limit']} | {'yes' if a['met'] else 'no'} |")
+    if acc:
+        lines += ["", "| FlatQuant row (calibration) | vs | peer PPL | ratio | limit | met |", "|---|---|---|---|---|---|"]
+        for name, a in acc.items():
+            for peer, p in a["peers"].items():
+                lines.append(f"| {name} ({a['calibration']}) | {peer} | {p['ppl']:.2f} | {p['ratio']:.3f} | "
+                             f"≤ {p['limit']} | {'yes' if p['met'] else 'no'} |")
     fq = next((r for r in d.get("rows", []) if "training" in r and r["training"]["train_s_total"] > 0), None)
     if fq:
         t = fq["training"]
