@@ -259,3 +259,38 @@ def test_export_folds_without_changing_the_fake_quantised_block(bits, kv) -> Non
     fold_err = float((real - fake).norm() / fake.norm())
     assert quant_err > 1e-3  # the quantisers are on
     assert fold_err < 1e-5, (fold_err, quant_err)  # folding is exact up to float rounding
+
+
+@pytest.mark.parametrize(("bits", "d"), [(4, 16), (4, 7), (2, 9), (8, 5)])
+def test_kv_code_packing_round_trips(bits, d) -> None:
+    from compress.modules.kv_cache import pack_codes, unpack_codes
+
+    q = torch.randint(0, 1 << bits, (2, 3, 5, d), generator=torch.Generator().manual_seed(bits + d))
+    p = pack_codes(q, bits)
+    assert p.dtype == torch.uint8 and p.shape[-1] == (d if bits > 4 else (d + 1) // 2)
+    assert torch.equal(unpack_codes(p, bits, d).long(), q)
+
+
+def test_the_code_cache_returns_what_the_uncached_attention_attends_to() -> None:
+    from compress.modules.flat_attention import KVQuantizer
+    from compress.modules.kv_cache import QuantizedKVCache
+
+    g = torch.Generator().manual_seed(3)
+    kv = KVQuantizer(16, 4, 4, True)
+    with torch.no_grad():
+        kv.k_transform.copy_(random_orthogonal(16, g))
+        kv.k_transform_inv_t.copy_(kv.k_transform)  # orthogonal: P^(-T) = P
+        kv.k_clip.copy_(torch.tensor([0.9, 0.95]))
+    cache = QuantizedKVCache()
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(3))
+    want_k, want_v = [], []
+    for lo, hi in ((0, 4), (4, 5), (5, 6)):  # a prompt, then one token at a time
+        q_s, k_s, v_s = q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi]
+        q2, kc, vc = kv.codes(q_s, k_s, v_s)
+        got_k, got_v = cache.update_codes(0, kc, vc, (4, 4), torch.float32)
+        want_q, wk = kv.keys(q_s, k_s)  # what the uncached path computes on the same tokens
+        want_k.append(wk)
+        want_v.append(kv.values(v_s))
+        assert torch.equal(q2, want_q)
+    assert torch.equal(got_k, torch.cat(want_k, -2)) and torch.equal(got_v, torch.cat(want_v, -2))
+    assert cache.get_seq_length() == 6 and cache.nbytes() == 2 * 2 * 6 * (8 + 8)  # 8 code bytes + scale + zero
