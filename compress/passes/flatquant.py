@@ -167,7 +167,8 @@ class FlatQuantPass(Pass):
         terms = {"dense block outputs (training targets)": shape.activation_bytes,
                  "transformed weights, grads and Adam state of one block": 6 * shape.block_bytes}
         if c.trains():
-            terms["autograd graph of one training step"] = graph * int(48 + 24 * shape.intermediate / max(shape.hidden, 1))
+            widths = int(48 + 24 * shape.intermediate / max(shape.hidden, 1))
+            terms["autograd graph of one training step"] = graph * widths
         if c.weights == "gptq":
             terms["Hessians of one block"] = shape.gram_bytes
         return terms
