@@ -18,6 +18,14 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _footer(d: dict) -> str:
+    """Protocol, model, commands, date and machine of a results file (no GPU was lent for these)."""
+    m = d["machine"]
+    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
+    return (f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
+            "GPU: not measured (no device lent).")
+
+
 def quant_cost() -> str:
     """The interleaved GPTQ W4 g64 timing runs: ours vs llm-compressor, per repeat and medians."""
     t = json.loads((RESULTS / "quant.json").read_text())["gptq_w4g64_timing"]
@@ -334,10 +342,7 @@ def nupes() -> str:
                           f"(**{p['latency_ratio']:.2f}×**)" for p in bench["phases"])
         lines += ["", f"Serving, NUPES W4 (lut) vs GPTQ W4 (quant), {bench['served_by']}: {parts}; "
                       f"`{bench['command']}`; {bench['machine']['date']}."]
-    m = d["machine"]
-    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
-    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
-                  "GPU: not measured (no device lent)."]
+    lines += ["", _footer(d)]
     return "\n".join(lines)
 
 
@@ -371,10 +376,7 @@ def svd_cluster() -> str:
             lines.append(f"| {name} | {e['blocks']} | {e['clustering_s']:.1f} | {e['evaluations']} | {e['exact_svds']} | "
                          f"{e['svds_avoided']} | {e['clusters']} ({e['clustered_layers']}) | "
                          f"{e['max_abs_error_gap']:.2e} |")
-    m = d["machine"]
-    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
-    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
-                  "GPU: not measured (no device lent)."]
+    lines += ["", _footer(d)]
     return "\n".join(lines)
 
 
@@ -416,10 +418,7 @@ def rco() -> str:
     if db:
         per = ", ".join(f"{k} {v:.0f} s" for k, v in db["per_option_s"].items())
         lines += ["", f"Candidate database solves (summed from the database): {per}; total {db['total_s']:.0f} s."]
-    m = d["machine"]
-    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
-    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
-                  "GPU: not measured (no device lent)."]
+    lines += ["", _footer(d)]
     return "\n".join(lines)
 
 
@@ -462,10 +461,7 @@ def flatquant() -> str:
             lines.append(f"| {what} | {1000 * c['latency_s']:.1f} ms | {1000 * n['latency_s']:.1f} ms | "
                          f"{c['latency_s'] / n['latency_s']:.2f}× | {_gb(c['peak_bytes'])} | {_gb(n['peak_bytes'])} |")
         lines += ["", f"`{d['bench']['command']}` ({bench['device']}, per-token decode latency)."]
-    m = d["machine"]
-    cmds = "; ".join(f"`{c}`" for c in d.get("commands", {}).values())
-    lines += ["", f"{d['protocol']}, {d['model']}; {cmds}; {m['date']}, {m['cpu']}, {m['cores']} cores. "
-                  "GPU: not measured (no device lent)."]
+    lines += ["", _footer(d)]
     return "\n".join(lines)
 
 
