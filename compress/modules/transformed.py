@@ -119,9 +119,10 @@ class TransformedInput(nn.Module):
         if self.act_bits is not None:
             q, scale = act_codes(xt, self.act_bits, self.act_clip)
             kq, _ = kron_quant(x.reshape(-1, self.in_features), left, right, self.act_bits, self.act_clip)
-            frac = (xt / scale) - torch.floor(xt / scale)
-            tie = (frac - 0.5).abs() < 1e-4
-            q = torch.where(tie & ((kq.reshape(q.shape).double() - q).abs() == 1), kq.reshape(q.shape).double(), q)
+            kq = kq.reshape(q.shape).double()
+            u = xt / scale
+            tie = ((u - torch.floor(u)) - 0.5).abs() < 1e-4
+            q = torch.where(tie & ((kq - q).abs() == 1), kq, q)
             xt = q * scale
         ref = getattr(self.inner, "reference_forward", None)
         if callable(ref):
