@@ -66,6 +66,50 @@ def test_mse_grid_never_worse_than_minmax() -> None:
     assert ((mse.dequantize() - w) ** 2).sum() <= ((plain.dequantize() - w) ** 2).sum()
 
 
+def _row_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+    return ((scale[:, None] * (q - zero[:, None]) - w).abs() ** 2.4).sum(dim=1)
+
+
+def _exhaustive_mse_errors(w: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """Every shrink factor 1, 0.99, …, 0.21 for every row, one at a time: the smallest L2.4 error."""
+    maxq = 2**bits - 1
+    best = torch.full((w.shape[0],), float("inf"))
+    for i in range(80):
+        p = 1 - i / 100
+        lo, hi = torch.clamp(w.min(1).values * p, max=0), torch.clamp(w.max(1).values * p, min=0)
+        if sym:
+            m = torch.maximum(-lo, hi)
+            m = torch.where(m == 0, torch.ones_like(m), m)
+            scale, zero = 2 * m / maxq, torch.full_like(m, 2.0 ** (bits - 1))
+        else:
+            both0 = (lo == 0) & (hi == 0)
+            lo, hi = torch.where(both0, -1.0, lo), torch.where(both0, 1.0, hi)
+            scale = (hi - lo) / maxq
+            zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+        best = torch.minimum(best, _row_error(w, scale, zero, maxq))
+    return best
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False), (2, True)])
+def test_exhaustive_mse_search_finds_the_slow_references_minimum(bits: int, sym: bool) -> None:
+    w = torch.randn(64, 48) ** 3
+    g = find_grid(w, QuantSpec(bits, None, sym, mse=True), coarse_step=1)
+    assert torch.equal(_row_error(w, g.scale, g.zero, 2**bits - 1), _exhaustive_mse_errors(w, bits, sym))
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (3, True)])
+def test_coarse_to_fine_mse_search_is_within_a_hair_of_exhaustive(bits: int, sym: bool) -> None:
+    """The default search evaluates ~26 of the 80 factors; on heavy-tailed rows it still finds the
+    exhaustive minimum for nearly every row and loses a negligible fraction of error in total."""
+    w = torch.randn(2000, 64, generator=torch.Generator().manual_seed(1)) ** 3
+    g = find_grid(w, QuantSpec(bits, None, sym, mse=True))
+    err, best = _row_error(w, g.scale, g.zero, 2**bits - 1), _exhaustive_mse_errors(w, bits, sym)
+    assert bool((err >= best).all())
+    assert float((err == best).float().mean()) > 0.9
+    assert float(err.sum() / best.sum()) < 1.005
+
+
 def test_scales_are_rounded_to_storage_dtype_before_codes() -> None:
     w = torch.randn(4, 64)
     qw = rtn_quantize(w, QuantSpec(4, 32, True, scale_dtype=torch.float16))
