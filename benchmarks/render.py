@@ -465,12 +465,55 @@ def flatquant() -> str:
     return "\n".join(lines)
 
 
+SERVING_LABELS = {"gptq-w4g64": "GPTQ W4 g64 (blocks)", "gptq-w4g64-head8": "+ int8 head (shared codes)",
+                  "gptq-w4g64-head4": "+ int4 g64 head (GPTQ, shared codes)", "rtn-w8": "RTN W8 per channel"}
+
+
+def serving() -> str:
+    """CPU serving vs dense fp32 (benchmarks/serving.py): decode, prefill, roofline, quality, greedy."""
+    d = json.loads((RESULTS / "serving.json").read_text())
+    rows = [(k, d["rows"][k]) for k in SERVING_LABELS if k in d["rows"]]
+    lines = ["| model | decode tok/s | dense tok/s | speed-up (target) | prefill 512 vs dense | MB / token | "
+             "bandwidth (share of copy) | PPL served | PPL twin | dense PPL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in rows:
+        b, q = r["bench"], r.get("quality", {})
+        target = "" if b.get("target") is None else f" (≥ {b['target']}×)"
+        nat, twin = q.get("native", {}), q.get("twin", {})
+        lines.append(f"| {SERVING_LABELS[k]} | {b['decode_tokens_per_s']:.1f} | {b['dense_decode_tokens_per_s']:.1f} | "
+                     f"**{b['decode_speedup']:.2f}×**{target} | {b['prefill512_ratio']:.2f}× "
+                     f"({1000 * b['prefill512_s']:.0f} vs {1000 * b['dense_prefill512_s']:.0f} ms) | "
+                     f"{b['bytes_per_token'] / 1e6:.1f} | {b['achieved_Bps'] / 1e9:.2f} GB/s "
+                     f"({100 * b['bandwidth_share']:.0f} %) | {nat.get('ppl', float('nan')):.2f} | "
+                     f"{twin.get('ppl', float('nan')):.2f} | {nat.get('dense_ppl', float('nan')):.2f} |")
+    first = rows[0][1]["bench"] if rows else None
+    if first:
+        lines += ["", f"Copy bandwidth (same run): {first['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; dense fp32 decode "
+                      f"reaches {100 * first['dense_bandwidth_share']:.0f} % of it. Threads: {first['threads']}; "
+                      f"medians of {first['repeats']} runs, a fresh process per measurement."]
+    for k, r in rows:
+        paths = "; ".join(f"{n}× {p}" for p, n in sorted(r["bench"]["decode_paths"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"- {SERVING_LABELS[k]} (`{r['build']['command']}`), paths at M = 1: {paths}")
+    for k, r in rows:
+        g = r.get("greedy")
+        if g:
+            parts = [("identical" if p["identical"] else
+                      f"differs from token {p['first_difference']} (twin logit gap {p['twin_logit_gap']:.2g})")
+                     for p in g["prompts"]]
+            lines.append(f"- greedy, {SERVING_LABELS[k]}: native = twin on {g['identical']} of {g['of']} prompts "
+                         f"({g['tokens']} tokens after {g['prompt_tokens']}): " + "; ".join(parts))
+    m = d["machine"]
+    lines += ["", f"{d['protocol']} (PPL), {d['model']}; `{d['commands'].get('all', '')}`; {m['date']}, {m['cpu']}, "
+                  f"{m['cores']} cores. GPU: not measured (no device lent)."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = {"quant-quality": quant_quality, "quant-cost": quant_cost, "kernels-e2e": kernels_e2e,
              "depth": depth, "cache-reuse": cache_reuse, "resume": resume, "port-regression": port_regression,
              "plan-truth": plan_truth, "device-map": device_map,
              "structprune": structprune, "baq": baq, "nupes": nupes, "svd-cluster": svd_cluster,
-             "rco": rco, "flatquant": flatquant}
+             "rco": rco, "flatquant": flatquant, "serving": serving}
     if len(sys.argv) != 2 or sys.argv[1] not in table:
         raise SystemExit(f"usage: python benchmarks/render.py {{{'|'.join(table)}}}")
     print(table[sys.argv[1]]())

@@ -71,7 +71,22 @@ def load(path: str | Path, *, device: str | torch.device | None = None,
         from compress.placement import place
 
         return place(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
-    return model.to(device or "cpu").eval()
+    model = model.to(device or "cpu").eval()
+    prepare_native(model)
+    return model
+
+
+def prepare_native(model: nn.Module) -> int:
+    """Convert every quantised linear that torch's native CPU ops serve to their layout now, at
+    load, so no forward pays for it (cached on the module, never stored). Returns how many."""
+    from compress.modules.quant_linear import QuantLinear
+
+    done = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and not m.weight_packed.is_meta:
+            probe = torch.zeros(1, 1, device=m.weight_packed.device)  # the layout depends on the mode only
+            done += m._native(probe) is not None
+    return done
 
 
 def run(recipe: str | Path | dict[str, Any] | Recipe, model: str | Path, out: str | Path, *,

@@ -65,6 +65,8 @@ def _type_and_metavar(annotation: Any) -> tuple[Any, str | None]:
     words = [str(w) for a in non_none if get_origin(a) is Literal for w in get_args(a)]
     if words and len(non_none) > 1:  # `int | Literal["auto"] | None`: a number or a word
         return Optional[str], "|".join(["N", *words])
+    if len(non_none) == 1 and get_origin(non_none[0]) is Literal:  # `Literal[...] | None`: one of the words
+        return Optional[str], "|".join(words)
     if len(non_none) == 1 and non_none[0] in (int, float, str):
         return Optional[non_none[0]], {int: "N", float: "X", str: "TEXT"}[non_none[0]]
     return Optional[str], "FILE"  # `dict | str`, `list | str`: the command line passes a file

@@ -248,8 +248,10 @@ def tie_head(model: nn.Module, adapter: Adapter, reader: CheckpointReader) -> bo
     key = f"{adapter.head}.weight"
     tied = bool(reader.config.get("tie_word_embeddings", False))
     if tied and key not in reader:
-        emb = get_module(model, adapter.token_embedding)
-        get_module(model, adapter.head).weight = emb.weight
+        emb, head = get_module(model, adapter.token_embedding), get_module(model, adapter.head)
+        if "weight" not in head._parameters or getattr(emb, "weight", None) is None:
+            return False  # both read stored codes instead (quant-tied)
+        head.weight = emb.weight
         return True
     return False
 

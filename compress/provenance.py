@@ -148,7 +148,7 @@ def _dense_linears(config: dict, quant: dict[str, dict], adapter: Adapter) -> li
     n_layers = int(config.get("num_hidden_layers", 0))
     names = [f"{adapter.layer_prefix(i)}{rel}" for i in range(n_layers) for rel in adapter.linears]
     dense = [n for n in names if n not in quant]
-    if adapter.head is not None:
+    if adapter.head is not None and adapter.head not in quant:
         dense.append(adapter.head)
     return dense
 

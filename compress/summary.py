@@ -93,6 +93,22 @@ def _exponent_text(exps: list[tuple[str, float, tuple[float, float] | None]]) ->
     return text
 
 
+def _cpu_paths(modules: dict) -> str:
+    """How the single-width quantised linears serve on CPU: torch's native int4/int8 ops, or the
+    twin and why (from the manifest alone; mixed widths and other kinds are not counted)."""
+    from compress.kernels import native_cpu
+
+    served: Counter[str] = Counter()
+    for e in modules.values():
+        if e.get("kind") not in ("quant", "quant-tied") or e.get("bits") is None or e.get("role") == "embedding":
+            continue
+        why = native_cpu.unsupported(int(e["bits"]), int(e["group_size"]), int(e["in_features"]),
+                                     int(e["out_features"]), bool(e.get("symmetric", True)))
+        served["native int4" if why is None and e["bits"] == 4 else "native int8" if why is None
+               else f"torch twin ({why})"] += 1
+    return ", ".join(f"{n} × {p}" for p, n in served.most_common())
+
+
 def _kind_rows(reader: CheckpointReader, manifest: dict) -> list[tuple[str, str]]:
     """Bytes per module kind (each kind's own accounting) and the shared groups, if any."""
     from compress.model import config_dtype, load_config
@@ -116,6 +132,9 @@ def _kind_rows(reader: CheckpointReader, manifest: dict) -> list[tuple[str, str]
     exps = _power_exponents(modules)
     if exps:
         rows.append(("power exponents", _exponent_text(exps)))
+    cpu = _cpu_paths(modules)
+    if cpu:
+        rows.append(("CPU kernels", cpu))
     groups = parse_shared(manifest.get("shared"))
     if groups:
         size = sum(reader.nbytes(shared_key(g, t)) for g, spec in groups.items() for t in spec.tensors

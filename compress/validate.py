@@ -175,7 +175,8 @@ def validate(path: str | Path, *, ms: list[int] | None = None, dtypes: list[str]
              tolerance: dict[str, float] | None = None, seed: int = 0,
              device: str = "cpu") -> ValidationReport:
     """Load ``path`` with :func:`compress.load` onto ``device`` and check every compressed module
-    (on CUDA the served path is the Triton kernels, on CPU the torch twins)."""
+    (on CUDA the served path is the Triton kernels; on CPU torch's native int4/int8 ops where they
+    apply, held to bf16's tolerance, else the torch twins) and every embedding that decodes codes."""
     from compress.api import load
     from compress.assets import resolve_model
 
@@ -187,8 +188,9 @@ def validate(path: str | Path, *, ms: list[int] | None = None, dtypes: list[str]
     model = load(model_dir, device=device)
     manifest = getattr(model, "compress_manifest", {}) or {}
     mods = validatable_modules(model)
+    lookups = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "reference_lookup", None))]
     report = ValidationReport(str(model_dir), ms, dtypes, {d: tolerance[d] for d in dtypes}, seed)
-    report.unvalidated = _unvalidated(model, manifest, [n for n, _ in mods])
+    report.unvalidated = _unvalidated(model, manifest, [n for n, _ in mods + lookups])
     if not mods and not report.unvalidated:
         raise CompressError(f"{model_dir} has no compressed modules to validate",
                             "pass a compress output or a compressed-tensors checkpoint")
@@ -196,7 +198,25 @@ def validate(path: str | Path, *, ms: list[int] | None = None, dtypes: list[str]
     for name, mod in mods:
         report.checks += check_module(name, _kind(name, mod, manifest), mod, ms=ms, dtypes=dtypes,
                                       tolerance=tolerance, generator=gen)
+    for name, mod in lookups:
+        report.checks += check_lookup(name, _kind(name, mod, manifest), mod, ms=ms, tolerance=tolerance,
+                                      generator=gen)
     return report
+
+
+@torch.no_grad()
+def check_lookup(name: str, kind: str, module: nn.Module, *, ms: list[int], tolerance: dict[str, float],
+                 generator: torch.Generator) -> list[Check]:
+    """An embedding that decodes codes (``reference_lookup``): ``module(ids)`` against the float64
+    rows for ``m`` random token ids, in the model's dtype."""
+    checks = []
+    dt = next((k for k, v in DTYPES.items() if v == module.dtype), "fp32")
+    for m in ms:
+        ids = torch.randint(0, module.num_embeddings, (m,), generator=generator).to(module.weight_packed.device)
+        rel, mx = errors(module(ids), module.reference_lookup(ids))
+        tol = tolerance.get(dt, DEFAULT_TOLERANCE[dt])
+        checks.append(Check(name, kind, dt, m, module.lookup_path(), rel, mx, tol, bool(rel <= tol)))
+    return checks
 
 
 def dense_reference(model: nn.Module) -> int:

@@ -3,9 +3,11 @@ BPE tokenizer trained on the brown corpus, so most tests need no downloaded asse
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,22 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
 
 
 SMOKE = ["--protocol", "brown-128-smoke", "--batch-size", "4"]
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Serve quantised linears through the exact fp32 torch twin (``COMPRESS_KERNELS=torch``) for
+    comparisons held to fp32 tolerance; by default CPU linears take torch's native int4/int8 ops
+    with bf16 activations (checked against the twin at bf16 tolerance in tests/kernels)."""
+    old = os.environ.get("COMPRESS_KERNELS")
+    os.environ["COMPRESS_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["COMPRESS_KERNELS"]
+        else:
+            os.environ["COMPRESS_KERNELS"] = old
 
 
 def error_lines(err: str) -> list[str]:

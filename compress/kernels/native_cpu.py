@@ -8,18 +8,19 @@
 * int8 per output channel, symmetric: ``aten._weight_int8pack_mm`` with the int8 codes and the
   per-row scales.
 
-Both ops compute with bf16 activations (their fp32 variants run a slow reference loop). By
-default they serve bf16 activations only, where they lose nothing against the twin; with
-``COMPRESS_KERNELS=native`` fp32 and fp16 activations are rounded to bf16 for them too (faster,
-about 0.4 % relative error per linear: such a path is held to bf16's validation tolerance,
-:func:`compute_dtype`), and ``COMPRESS_KERNELS=torch`` keeps every call on the twin. The
-converted weights are built once per module and device and cached on the module (not stored);
-other widths and layouts stay on the torch twin.
+Both ops compute with bf16 activations (their fp32 variants run a slow reference loop), so on
+CPU every float activation is rounded to bf16 for them: about 0.4 % relative error per linear,
+an order below what 4-bit codes cost (and it is measured: ``benchmarks/serving.py`` scores the
+PPL of both paths and compares their greedy tokens). Such a path is held to bf16's validation
+tolerance (:func:`compute_dtype`). ``COMPRESS_KERNELS=torch`` keeps every call on the exact twin
+(fp32 in, fp32 out). The converted weights are built once per module and device and cached on
+the module (not stored); other widths and layouts stay on the torch twin.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 from compress.kernels.packing import unpack_int32
 
 INT4_GROUPS = (32, 64, 128, 256)
+_LITTLE = sys.byteorder == "little"  # the int4 stream read as bytes
 
 
 @dataclass(frozen=True)
@@ -41,15 +43,17 @@ class NativeWeight:
     group_size: int
     out_features: int
     in_features: int
+    #: the stored ``pack-quantized`` tensors (views, no copies), for the dense-rows path
+    weight_packed: Tensor | None = None
+    weight_scale: Tensor | None = None
+    weight_zero_point: Tensor | None = None
 
 
 def enabled(x: Tensor) -> bool:
-    """Whether ``x`` goes to the native ops: bf16 activations by default, any float dtype with
-    ``COMPRESS_KERNELS=native``, none with ``torch``/``triton``."""
+    """Whether ``x`` goes to the native ops: any float activation by default (``auto`` or
+    ``native``), none with ``COMPRESS_KERNELS=torch``/``triton``."""
     mode = os.environ.get("COMPRESS_KERNELS", "auto").lower()
-    if mode == "native":
-        return x.is_floating_point()
-    return mode == "auto" and x.dtype == torch.bfloat16
+    return mode in ("auto", "native") and x.is_floating_point()
 
 
 def unsupported(bits: int, group_size: int, in_features: int, out_features: int, symmetric: bool) -> str | None:
@@ -82,7 +86,7 @@ def prepare(weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tens
     codes = unpack_int32(weight_packed, bits, in_features)  # [N, K] signed int8
     if bits == 8:
         return NativeWeight("int8", codes.contiguous(), weight_scale[:, 0].to(torch.bfloat16).contiguous(),
-                            in_features, n, in_features)
+                            in_features, n, in_features, weight_scale=weight_scale)
     unsigned = (codes.to(torch.int32) + 8).contiguous()  # [N, K] in [0, 15]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
     scale = weight_scale.float()  # [N, G]
@@ -92,13 +96,23 @@ def prepare(weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tens
         zero = unpack_int32(weight_zero_point, bits, n, dim=0).float()  # [N, G] signed
         offset = -scale * zero
     table = torch.stack([scale.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
-    return NativeWeight("int4", packed, table, group_size, n, in_features)
+    return NativeWeight("int4", packed, table, group_size, n, in_features, weight_packed, weight_scale,
+                        weight_zero_point)
+
+
+DENSE_MIN_M = 64
+"""From this many rows on, the weight is decoded to bf16 for the call and multiplied by bf16
+GEMM: on this machine's AVX-512 cores the native ops run at about fp32 GEMM speed there while
+bf16 GEMM is ~2.5× faster (decode 1536×576: 0.7 ms; crossover measured at 64–128 rows)."""
 
 
 def native_linear(x: Tensor, w: NativeWeight, bias: Tensor | None) -> Tensor:
-    """``x · Wᵀ (+ bias)`` through the native op, with bf16 activations; ``[..., N]`` in ``x.dtype``."""
+    """``x · Wᵀ (+ bias)`` with bf16 activations, ``[..., N]`` in ``x.dtype``: the native op
+    below :data:`DENSE_MIN_M` rows, the decoded bf16 weight and a bf16 GEMM from there on."""
     x2 = x.reshape(-1, w.in_features).to(torch.bfloat16)  # [M, K]
-    if w.kind == "int4":
+    if x2.shape[0] >= DENSE_MIN_M and (w.kind == "int8" or (w.weight_packed is not None and _LITTLE)):
+        y = torch.nn.functional.linear(x2, dense_bf16(w))
+    elif w.kind == "int4":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.packed, w.group_size, w.table)
     else:
         y = torch.ops.aten._weight_int8pack_mm(x2, w.packed, w.table)
@@ -108,7 +122,26 @@ def native_linear(x: Tensor, w: NativeWeight, bias: Tensor | None) -> Tensor:
     return y.reshape(*x.shape[:-1], w.out_features)
 
 
-def label(w: NativeWeight) -> str:
+def dense_bf16(w: NativeWeight) -> Tensor:
+    """The ``[N, K]`` weight decoded for one call: ``scale · (c − z)`` in fp32, rounded to bf16
+    (the twin's dequantisation, rounded once). int4 reads the stored little-endian stream as
+    bytes: byte ``j`` of a row holds codes ``2j`` (low nibble) and ``2j + 1``."""
+    n, k, g = w.out_features, w.in_features, w.group_size
+    assert w.weight_scale is not None
+    if w.kind == "int8":
+        return (w.packed.float() * w.weight_scale.float()).to(torch.bfloat16)  # [N, K] · [N, 1]
+    assert w.weight_packed is not None
+    b = w.weight_packed.view(torch.uint8)  # [N, 4·words]
+    u = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, -1)[:, :k]  # [N, K] unsigned codes
+    c = u.reshape(n, k // g, g).float().sub_(8)  # [N, G, g] signed codes
+    if w.weight_zero_point is not None:
+        c.sub_(unpack_int32(w.weight_zero_point, 4, n, dim=0).float()[:, :, None])
+    return c.mul_(w.weight_scale.float()[:, :, None]).reshape(n, k).to(torch.bfloat16)
+
+
+def label(w: NativeWeight, rows: int = 1) -> str:
+    if rows >= DENSE_MIN_M:
+        return f"native {w.kind} (decoded to bf16 per call + bf16 GEMM, ≥ {DENSE_MIN_M} rows)"
     op = "_weight_int4pack_mm_for_cpu" if w.kind == "int4" else "_weight_int8pack_mm"
     return f"native {w.kind} (aten.{op}, bf16 activations)"
 

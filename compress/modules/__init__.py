@@ -7,9 +7,10 @@ from compress.modules.lowrank import LowRankLinear, SharedBasisLinear
 from compress.modules.lut_linear import LutLinear
 from compress.modules.pruned import PrunedLinear
 from compress.modules.quant_linear import MixedQuantLinear, QuantLinear, RowMixedQuantLinear
+from compress.modules.tied_quant import QuantEmbedding, TiedQuantHead
 from compress.modules.sliced import SlicedEmbedding  # registers the slicegpt transform
 from compress.modules.transformed import TransformedInput
 
 __all__ = ["MODULE_KINDS", "KVQuantizer", "KindEntry", "LowRankLinear", "LutLinear", "MixedQuantLinear", "ModuleKind",
-           "PrunedLinear", "QuantLinear", "RowMixedQuantLinear", "SharedBasisLinear", "SharedTensors", "SlicedEmbedding", "TransformedInput", "build_module",
+           "PrunedLinear", "QuantEmbedding", "QuantLinear", "RowMixedQuantLinear", "SharedBasisLinear", "SharedTensors", "SlicedEmbedding", "TiedQuantHead", "TransformedInput", "build_module",
            "register_kind"]

@@ -147,7 +147,7 @@ class QuantLinear(DecodedWeightCache, nn.Module):
             return "dense cache"
         nw = self._native(x)
         if nw is not None:
-            return native_cpu.label(nw)
+            return native_cpu.label(nw, x.reshape(-1, self.in_features).shape[0])
         return path_label(x, self.out_features, self.in_features)
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:

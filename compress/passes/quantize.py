@@ -19,6 +19,7 @@ from compress.calib.pipeline import LayerContext
 from compress.calib.staged import run_staged, supports_staged
 from compress.modules.quant_linear import MixedQuantLinear, QuantLinear, RowMixedQuantLinear
 from compress.passes import baq as baq_pass
+from compress.passes.head_quant import HeadOptions, check_head, quantize_head
 from compress.pipeline.memory import MemoryShape
 from compress.pipeline.pass_api import Needs, Pass, PassConfig, Statistic
 from compress.pipeline.stats import group_first, input_gram_statistic, input_grams
@@ -70,6 +71,10 @@ class QuantConfig(PassConfig):
                          dtype if dtype.is_floating_point else torch.float32)
 
 
+class RTNConfig(QuantConfig, HeadOptions):
+    """RTN's scheme (:class:`QuantConfig`) and the head options (:class:`HeadOptions`)."""
+
+
 AUTO_GROUP_SIZES = (128, 64, 32)
 
 
@@ -100,7 +105,7 @@ def ragged_linears(group_size: int | None, widths: dict[str, int]) -> list[str]:
     return [n for n, k in widths.items() if k > group_size and k % group_size]
 
 
-class GPTQConfig(QuantConfig):
+class GPTQConfig(QuantConfig, HeadOptions):
     """GPTQ on top of :class:`QuantConfig`.
 
     Args:
@@ -243,6 +248,24 @@ class _QuantPass(Pass):
         note = getattr(self, "group_note", None)
         if note is not None:
             run.notes["group_size"] = note  # type: ignore[attr-defined]
+        check_head(run, self._head_choice())  # type: ignore[arg-type]
+
+    def _head_choice(self) -> str | None:
+        return getattr(self.config, "quantize_head", None)
+
+    def rewrites_embeddings(self, run: object) -> bool:
+        return self._head_choice() is not None and bool(getattr(run, "tied_head", False))
+
+    def finish(self, run: object) -> None:
+        choice = self._head_choice()
+        if choice is None:
+            return
+        c = self.config
+        method = "gptq" if isinstance(self, GPTQPass) else "rtn"
+        record = quantize_head(run, choice, bool(getattr(c, "dense_embedding", False)),  # type: ignore[arg-type]
+                               c.group_size if isinstance(c.group_size, int) else None, c.mse, method,
+                               float(getattr(c, "damp", 0.01)), self.name)
+        run.records.append(record)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -269,14 +292,14 @@ def _install(ctx: LayerContext, name: str, qw: QuantizedWeight, stage: str, t: f
     return _install_module(ctx, name, qlin, stage, t, H, qw.dequantize())
 
 
-@register_pass("rtn", QuantConfig, needs_calibration=False,
+@register_pass("rtn", RTNConfig, needs_calibration=False,
                summary="round-to-nearest weight quantisation (data-free)",
                examples=("compress rtn smollm2-135m --bits 8 -o out/w8",
                          "compress rtn smollm2-135m --bits 4 --group-size 32 --asym -o out/w4a"))
 class RTNPass(_QuantPass):
     """Round every selected linear to the nearest grid point, group by group."""
 
-    config: QuantConfig
+    config: RTNConfig
 
     def process_layer(self, ctx: LayerContext, run: object) -> list[LayerRecord]:
         records = []
@@ -298,6 +321,11 @@ class GPTQPass(_QuantPass):
     """GPTQ every selected linear; fused siblings share one Hessian and one call."""
 
     config: GPTQConfig
+
+    @property
+    def uses_final_hidden(self) -> bool:  # type: ignore[override]
+        """The head's GPTQ reads the final-norm outputs of the calibration windows."""
+        return self.config.quantize_head is not None
 
     def _flags(self) -> list[str]:
         return [w for w, on in (("act-order", self.config.act_order),

@@ -104,6 +104,12 @@ class Pass(ABC):
     def __init__(self, config: PassConfig) -> None:
         self.config = config
 
+    def rewrites_embeddings(self, run: RunContext) -> bool:
+        """Whether ``finish`` replaces the token embedding (e.g. with one that reads a quantised
+        tied head's codes): the embeddings then stay loaded and are written after ``finish``,
+        not at the start."""
+        return False
+
     def resolve(self, linears: list[tuple[str, int, int]]) -> None:
         """Called once, before any work (by the runner and by ``plan``), with every block linear
         as (block-relative name, out_features, in_features): a pass fixes options that depend on

@@ -20,7 +20,7 @@ from compress.checkpoint import CheckpointWriter
 from compress.device import rng_states, set_rng_states
 from compress.distributed import share, world
 from compress.errors import CompressError
-from compress.modules.kinds import model_shared
+from compress.modules.kinds import SHARED_PREFIX, model_shared
 from compress.model import (
     build_skeleton, get_module, materialize, materialize_shared, reader_manifest, release, state_dict_of, tie_head)
 from compress.pipeline import resume as resume_io
@@ -77,15 +77,16 @@ class Stream:
             assert self.stats is not None
             run.plan = self.the_pass.plan(self.stats, run)
             self.writer.write_json("plan.json", run.plan.model_dump(mode="json"))
-        self.the_pass.begin(run)
-        if self.point is not None:
-            self._restore_point()
-        else:
-            for path in run.adapter.embeddings:
-                self.writer.add_many(state_dict_of(get_module(run.model, path), f"{path}."))
         run.tied_head = run.adapter.head is not None and bool(run.config.get("tie_word_embeddings")) \
             and f"{run.adapter.head}.weight" not in run.reader
-        if not run.tied_head or not self.the_pass.needs_embeddings_at_finish:
+        self.the_pass.begin(run)
+        deferred = self.the_pass.rewrites_embeddings(run)
+        if self.point is not None:
+            self._restore_point()
+        elif not deferred:
+            for path in run.adapter.embeddings:
+                self.writer.add_many(state_dict_of(get_module(run.model, path), f"{path}."))
+        if not deferred and (not run.tied_head or not self.the_pass.needs_embeddings_at_finish):
             for path in run.adapter.embeddings:
                 release(get_module(run.model, path))
 
@@ -279,11 +280,24 @@ class Stream:
             materialize(get_module(run.model, p), f"{p}.", run.reader, device=run.device)
         self.the_pass.finish(run)
         record_modules(run, run.model, "")
+        paths += [p for p in tail_paths(run.model, run.adapter)  # shared groups added by finish
+                  if p not in paths and p.startswith(SHARED_PREFIX + ".")]
+        if self.the_pass.rewrites_embeddings(run):
+            paths = [*run.adapter.embeddings, *paths]
+            if run.tied_head and not _head_reads_table(run):
+                paths.append(run.adapter.head)  # finish untied it: the head stores its own tensors now
         for p in paths:
             writer.add_many(state_dict_of(get_module(run.model, p), f"{p}."))
         for key in run.reader.keys():  # tensors the model does not own (e.g. legacy buffers)
             if key not in writer.names() and not _owned(run, key, paths):
                 writer.add(key, run.reader.get(key))
+
+
+def _head_reads_table(run: RunContext) -> bool:
+    """Whether the head is still the dense token table (tied, so nothing of its own to store)."""
+    head = get_module(run.model, run.adapter.head)
+    emb = get_module(run.model, run.adapter.token_embedding)
+    return "weight" in head._parameters and head.weight is getattr(emb, "weight", None)
 
 
 def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

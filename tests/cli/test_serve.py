@@ -43,12 +43,20 @@ def test_validate_passes(tiny_w4: Path, tmp_path: Path, monkeypatch: pytest.Monk
     assert code == 0, err
     assert "validation passed" in err and "by kind" in out and "FAIL" not in out
     rep = json.loads(js.read_text())
-    fp32 = {c["path"] for c in rep["checks"] if c["dtype"] == "fp32"}
-    assert fp32 == {"torch twin · planes", "torch twin · dequant+matmul"}  # exact fp32 stays on the twin
-    bf16 = {c["path"] for c in rep["checks"] if c["dtype"] == "bf16"}
-    assert any(p.startswith("native int4 (aten._weight_int4pack_mm_for_cpu") for p in bf16)  # torch's CPU kernel
+    paths = {c["path"] for c in rep["checks"]}
+    assert paths == {"native int4 (aten._weight_int4pack_mm_for_cpu, bf16 activations)",  # M = 1, 5
+                     "native int4 (decoded to bf16 per call + bf16 GEMM, ≥ 64 rows)"}, paths  # M = 300
     assert rep["ok"] and len(rep["checks"]) == 21 * 3 * 2  # modules × M × (fp32, bf16)
     assert {c["kind"] for c in rep["checks"]} == {"quant"}
+    assert all(c["tolerance"] >= 1e-2 for c in rep["checks"])  # bf16 inside the op: bf16's tolerance
+    # the exact fp32 twin, which the native path is checked against, holds to fp32's
+    monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+    code, out, err = run_cli(["validate", str(tiny_w4), "--m", "1", "--m", "5", "--m", "300", "--json", str(js)],
+                             monkeypatch, capsys)
+    rep = json.loads(js.read_text())
+    assert code == 0 and rep["ok"], err
+    fp32 = {c["path"] for c in rep["checks"] if c["dtype"] == "fp32"}
+    assert fp32 == {"torch twin · planes", "torch twin · dequant+matmul"}
     assert max(c["rel_err"] for c in rep["checks"] if c["dtype"] == "fp32") < 1e-6
 
 
@@ -68,13 +76,27 @@ def _break_kernel(monkeypatch: pytest.MonkeyPatch, only_rows: int | None = None)
     monkeypatch.setattr(ql, "quant_matmul", broken)
 
 
+def test_validate_fails_on_a_broken_native_kernel(tiny_w4: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The default CPU path (torch's native ops) is held to bf16's tolerance: 5 % off fails."""
+    import compress.kernels.native_cpu as nc
+
+    real = nc.native_linear
+    monkeypatch.setattr(nc, "native_linear", lambda x, w, b: real(x, w, b) * 1.05)
+    code, out, err = run_cli(["validate", str(tiny_w4), "--m", "1", "--m", "17"], monkeypatch, capsys)
+    assert code == 1 and "validation failed" in err and "FAIL" in out
+
+
 def test_validate_fails_on_a_broken_kernel(tiny_w4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture) -> None:
+    """The exact twin (COMPRESS_KERNELS=torch) is held to fp32's: 0.2 % off fails."""
+    monkeypatch.setenv("COMPRESS_KERNELS", "torch")
     _break_kernel(monkeypatch)
     code, out, err = run_cli(["validate", str(tiny_w4), "--m", "1", "--m", "17"], monkeypatch, capsys)
     assert code == 1 and "validation failed" in err and "FAIL" in out
     js = tmp_path / "v.json"
     monkeypatch.undo()
+    monkeypatch.setenv("COMPRESS_KERNELS", "torch")
     _break_kernel(monkeypatch, only_rows=1)  # a bug in the decode path alone
     code, _, _ = run_cli(["validate", str(tiny_w4), "--m", "1", "--m", "17", "--json", str(js)], monkeypatch, capsys)
     rep = json.loads(js.read_text())

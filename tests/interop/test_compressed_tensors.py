@@ -25,7 +25,7 @@ import torch
 
 import compress
 from compress.kernels.packing import pack_int32, unpack_int32
-from tests.conftest import brown_lines, train_tokenizer
+from tests.conftest import brown_lines, exact_kernels, train_tokenizer
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -84,7 +84,7 @@ def _hf_logits(path: Path) -> torch.Tensor:
 
 
 def _ours_logits(path: Path) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), exact_kernels():  # fp32 twin: the comparison is held to 1e-5
         return compress.load(path)(_ids()).logits
 
 
@@ -261,3 +261,35 @@ def test_rco_mixed_widths_load_in_transformers_grouped_per_width(interop_llama: 
             assert len(bits) == 1, (i, fused, bits)
     theirs, ours = _hf_logits(out), _ours_logits(out)
     assert _rel(theirs, ours) <= 1e-5, _rel(theirs, ours)
+
+
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_quantized_head_with_dense_embedding_loads_in_transformers(interop_llama: Path, tmp_path: Path,
+                                                                   head: str) -> None:
+    """``--quantize-head`` with ``--dense-embedding`` on a tied model: the head is an ordinary
+    compressed-tensors linear (int8 per channel in its own group, or int4 in the blocks' group),
+    the table stays dense and untied, and transformers computes what compress.load does."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    cfg = {"bits": 4, "group_size": 32, "quantize_head": head, "dense_embedding": True}
+    out = compress.run({"calibration": SMOKE, "stages": [{"pass": "gptq", "config": cfg}]}, interop_llama,
+                       tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    parsed = QuantizationConfig.model_validate(config["quantization_config"])
+    assert "lm_head" not in parsed.ignore
+    if head == "int8":
+        group = next(s for s in parsed.config_groups.values() if "lm_head" in s.targets)
+        assert group.weights.num_bits == 8 and group.weights.strategy == "channel"
+    theirs, ours = _hf_logits(out), _ours_logits(out)
+    assert _rel(theirs, ours) <= 1e-5, _rel(theirs, ours)
+
+
+def test_shared_head_codes_advertise_nothing(interop_llama: Path, tmp_path: Path) -> None:
+    """A tied head quantised with shared codes (the default) has no dense table transformers
+    could tie to: config.json advertises nothing and the manifest says why."""
+    cfg = {"bits": 4, "group_size": 32, "quantize_head": "int8"}
+    out = compress.run({"stages": [{"pass": "rtn", "config": cfg}]}, interop_llama, tmp_path / "out")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    reason = json.loads((out / "compression.json").read_text())["export"]["reason"]
+    assert "quant-tied" in reason and "--dense-embedding" in reason

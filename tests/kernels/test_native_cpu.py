@@ -43,14 +43,31 @@ def test_native_path_equals_the_twin_to_bf16_precision(case, rows, monkeypatch: 
     assert float((got - twin).norm() / twin.norm()) < 1e-2
 
 
-def test_bf16_activations_take_the_native_path_by_default_and_fp32_the_twin() -> None:
+def test_every_float_activation_takes_the_native_path_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
     m = _module(48, 576, 4, 64, True)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(3, 576).to(dt)
+        assert "native" in m.kernel_path(x) and m.compute_dtype(x) == torch.bfloat16
+        got, ref = m(x), m.reference_forward(x)
+        assert got.dtype == dt and float((got.double() - ref).norm() / ref.norm()) < 1e-2
+    monkeypatch.setenv("COMPRESS_KERNELS", "torch")  # the exact twin on request
     x = torch.randn(3, 576)
-    assert "twin" in m.kernel_path(x)  # exact fp32 by default
-    xb = x.bfloat16()
-    assert "native" in m.kernel_path(xb)
-    got, ref = m(xb), m.reference_forward(xb)
-    assert got.dtype == torch.bfloat16 and float((got.double() - ref).norm() / ref.norm()) < 1e-2
+    assert "twin" in m.kernel_path(x) and m.compute_dtype(x) == torch.float32
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}w{c[2]}g{c[3]}{'s' if c[4] else 'a'}")
+def test_dense_rows_path_decodes_exactly_the_twins_weight(case) -> None:
+    """From DENSE_MIN_M rows the weight is decoded per call: bit for bit the twin's fp32
+    dequantisation rounded to bf16, and the product is the bf16 GEMM of it."""
+    m = _module(*case)
+    x = torch.randn(native_cpu.DENSE_MIN_M + 3, case[1])
+    nw = m._native(x)
+    assert nw is not None and "bf16 GEMM" in m.kernel_path(x) and "aten" in m.kernel_path(x[:1])
+    decoded = native_cpu.dense_bf16(nw)
+    assert torch.equal(decoded, m.dequantized_weight(torch.float32).to(torch.bfloat16))
+    want = (torch.nn.functional.linear(x.bfloat16(), decoded).float() + m.bias).float()
+    torch.testing.assert_close(m(x), want, rtol=0, atol=0)
 
 
 def test_the_native_layout_is_built_once_and_follows_the_device() -> None:

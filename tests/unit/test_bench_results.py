@@ -90,6 +90,7 @@ def test_benchmarks_md_tables_are_the_rendered_json() -> None:
     text = (ROOT / "BENCHMARKS.md").read_text()
     for fn in (render.quant_quality, render.quant_cost, render.kernels_e2e, render.depth,
                render.cache_reuse, render.resume, render.port_regression, render.plan_truth, render.device_map,
-               render.structprune, render.baq, render.nupes, render.svd_cluster, render.rco, render.flatquant):
+               render.structprune, render.baq, render.nupes, render.svd_cluster, render.rco, render.flatquant,
+               render.serving):
         table = fn()
         assert table in text, f"BENCHMARKS.md does not hold the table of render.{fn.__name__}:\n{table}"

@@ -1,0 +1,195 @@
+"""Serving on CPU (issue 18): decode and prefill of quantised SmolLM2 against dense fp32, the
+kernel path each module takes, the roofline, the quality of the served path, greedy tokens.
+
+Models (every one built through the CLI from the SmolLM2 asset; ``--reuse`` keeps built ones):
+
+* ``gptq-w4g64`` — ``compress gptq smollm2-135m --bits 4 --group-size 64`` (the defaults:
+  act-order with static groups, MSE grids);
+* ``gptq-w4g64-head8`` — that output with its tied head quantised to int8 per channel
+  (``compress rtn W4 --quantize-head int8``: a head-only stage, the blocks are quantised already;
+  the embedding lookup reads the same codes);
+* ``gptq-w4g64-head4`` — the same with an int4 g64 head by GPTQ on the final-norm outputs
+  (``compress gptq W4 --quantize-head int4``);
+* ``rtn-w8`` — ``compress rtn smollm2-135m --bits 8 --group-size 0`` (int8 per channel).
+
+Per model: ``compress bench MODEL --against DENSE --seq 512 --decode-tokens 64`` (default threads,
+a fresh process per measurement): decode tokens/s, prefill-512 latency, both against dense fp32
+in the same command, the paths, the weight bytes a decoded token reads and the achieved
+bandwidth against the copy bandwidth measured in the same run. Quality: brown-512 PPL of the
+served (native) path and of the exact fp32 twin (``COMPRESS_KERNELS=torch``). Greedy: the first
+64 generated tokens of 5 corpus prompts, native vs twin; where they part, the twin's logit gap
+between the two tokens.
+
+Usage: python benchmarks/serving.py [--only NAME,...] [--sections build,bench,quality,greedy] [--work DIR] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, not benchmarks/ (its kernels.py would shadow the PyPI package transformers imports)
+
+import torch  # noqa: E402
+
+from benchmarks.common import RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save  # noqa: E402
+from compress.assets import cache_dir, materialize  # noqa: E402
+
+PROTOCOL = "brown-512"
+W4 = ["--bits", "4", "--group-size", "64"]
+MODELS: dict[str, tuple[str, list[str]]] = {
+    "gptq-w4g64": ("dense", ["gptq", *W4]),
+    "gptq-w4g64-head8": ("gptq-w4g64", ["rtn", "--bits", "8", "--quantize-head", "int8"]),
+    "gptq-w4g64-head4": ("gptq-w4g64", ["gptq", *W4, "--quantize-head", "int4"]),
+    "rtn-w8": ("dense", ["rtn", "--bits", "8", "--group-size", "0"]),
+}
+"""name → (input: ``dense`` or another row, the ``compress`` command and options)."""
+TARGETS = {"gptq-w4g64": 1.8, "gptq-w4g64-head8": 2.5, "rtn-w8": 1.5}
+"""Decode speed-up over dense fp32 each row must reach (issue 18)."""
+GREEDY = ("gptq-w4g64", "gptq-w4g64-head8")
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 5, 32, 64
+
+
+def build(name: str, dense: Path, work: Path, reuse: bool) -> dict:
+    src_name, args = MODELS[name]
+    src = dense if src_name == "dense" else work / src_name
+    out = work / name
+    if reuse and (out / "compression.json").is_file():
+        return {"command": _cmd_text(name), "reused": True}
+    shutil.rmtree(out, ignore_errors=True)
+    run = measured(compress_cmd(args[0], str(src), *args[1:], "-o", str(out)), log=work / f"{name}.log")
+    return {"command": _cmd_text(name), **run}
+
+
+def _cmd_text(name: str) -> str:
+    src, args = MODELS[name]
+    return " ".join(["compress", args[0], "smollm2-135m" if src == "dense" else src, *args[1:]])
+
+
+def bench(name: str, dense: Path, work: Path) -> dict:
+    js = work / f"{name}-bench.json"
+    cmd = ["bench", str(work / name), "--against", str(dense), "--seq", "512", "--decode-tokens", "64"]
+    measured(compress_cmd(*cmd, "--json", str(js)), log=work / f"{name}-bench.log")
+    rep = json.loads(js.read_text())
+    ph = {p["phase"]: p for p in rep["phases"]}
+    dec, pre = ph["decode"], ph["prefill"]
+    bw = rep["copy_bandwidth_Bps"]
+    c, d = dec["compressed"], dec["dense"]
+    achieved = c["bytes_per_step"] / c["latency_s"]
+    return {"command": f"compress bench {name} --against smollm2-135m --seq 512 --decode-tokens 64",
+            "decode_tokens_per_s": c["tokens_per_s"], "dense_decode_tokens_per_s": d["tokens_per_s"],
+            "decode_speedup": c["tokens_per_s"] / d["tokens_per_s"], "target": TARGETS.get(name),
+            "prefill512_s": pre["compressed"]["latency_s"], "dense_prefill512_s": pre["dense"]["latency_s"],
+            "prefill512_ratio": pre["latency_ratio"], "decode_paths": c["paths"], "prefill_paths": pre["compressed"]["paths"],
+            "bytes_per_token": c["bytes_per_step"], "dense_bytes_per_token": d["bytes_per_step"],
+            "achieved_Bps": achieved, "copy_bandwidth_Bps": bw, "bandwidth_share": achieved / bw,
+            "dense_bandwidth_share": d["bytes_per_step"] / d["latency_s"] / bw,
+            "threads": c["threads"], "repeats": rep["repeats"], "machine": rep["machine"]}
+
+
+def _with_kernels(mode: str | None):  # noqa: ANN202
+    """Context: ``COMPRESS_KERNELS`` set to ``mode`` (None: the default) inside."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():  # noqa: ANN202
+        old = os.environ.pop("COMPRESS_KERNELS", None)
+        if mode is not None:
+            os.environ["COMPRESS_KERNELS"] = mode
+        try:
+            yield
+        finally:
+            os.environ.pop("COMPRESS_KERNELS", None)
+            if old is not None:
+                os.environ["COMPRESS_KERNELS"] = old
+    return ctx()
+
+
+def quality(name: str, dense: Path, work: Path) -> dict:
+    """brown-512 PPL / KL / top-1 of the served (native) path and of the exact twin."""
+    from compress.eval import evaluate
+
+    out = {}
+    for label, mode in (("native", None), ("twin", "torch")):
+        with _with_kernels(mode):
+            r = evaluate(work / name, dense, protocol=PROTOCOL)
+        out[label] = {"ppl": r.ppl, "dense_ppl": r.dense_ppl, "kl": r.kl_mean, "top1": r.top1_agreement,
+                      "bytes_on_disk": r.bytes_on_disk}
+    out["ppl_ratio_native_vs_twin"] = out["native"]["ppl"] / out["twin"]["ppl"]
+    return out
+
+
+def _prompts(tokenizer_dir: Path) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    from compress.assets import brown_corpus_path  # the corpus every test and benchmark reads
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    lines = [ln for ln in brown_corpus_path().read_text().splitlines() if len(ln.split()) > 40]
+    step = len(lines) // PROMPTS
+    return [tok(lines[i * step], return_tensors="pt").input_ids[:, :PROMPT_TOKENS] for i in range(PROMPTS)]
+
+
+def _greedy(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    with torch.no_grad():
+        g = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                           output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    return g.sequences[0, ids.shape[1]:].tolist(), torch.stack(g.scores)[:, 0]  # [steps, vocab] logits
+
+
+def greedy(name: str, work: Path) -> dict:
+    """Native vs twin greedy tokens; where they first differ, the twin's logit gap between the two."""
+    from compress.api import load
+
+    runs = {}
+    for label, mode in (("native", None), ("twin", "torch")):
+        with _with_kernels(mode):
+            model = load(work / name)
+            runs[label] = [_greedy(model, p) for p in _prompts(work / name)]
+    prompts = []
+    for (nat, _), (twin, logits) in zip(runs["native"], runs["twin"], strict=True):
+        first = next((i for i, (a, b) in enumerate(zip(nat, twin, strict=True)) if a != b), None)
+        gap = None if first is None else float(logits[first, twin[first]] - logits[first, nat[first]])
+        prompts.append({"identical": first is None, "first_difference": first, "twin_logit_gap": gap,
+                        "tie_within_1e-4": gap is not None and abs(gap) <= 1e-4})
+    return {"prompts": prompts, "identical": sum(p["identical"] for p in prompts), "of": len(prompts),
+            "tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--sections", default="build,bench,quality,greedy")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep models already built in --work")
+    a = ap.parse_args()
+    names = [n for n in MODELS if a.only is None or n in a.only.split(",")]
+    sections = set(a.sections.split(","))
+    dense = materialize("smollm2-135m")
+    work = a.work or cache_dir() / "bench" / "serving"
+    work.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
+    res: dict = {"model": SMOLLM2_LABEL, "protocol": PROTOCOL, "machine": machine(), "commands": {}}
+    path = RESULTS / "serving.json"
+    earlier = json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
+    for name in names:
+        row: dict = {**earlier.get(name, {}), "date": machine()["date"], "run": command}  # sections not rerun stay
+        if "build" in sections:
+            row["build"] = build(name, dense, work, a.reuse)
+        if "bench" in sections:
+            row["bench"] = bench(name, dense, work)
+        if "quality" in sections:
+            row["quality"] = quality(name, dense, work)
+        if "greedy" in sections and name in GREEDY:
+            row["greedy"] = greedy(name, work)
+        print(name, json.dumps(row, default=str)[:2000], flush=True)
+        merge_save("serving", {**res, "rows": {name: row}}, nested={"rows": None, "commands": None})
+    print(merge_save("serving", {**res, "commands": {"all": command}}, nested={"rows": None, "commands": None}))
+
+
+if __name__ == "__main__":
+    main()
