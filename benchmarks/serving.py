@@ -20,7 +20,9 @@ served (native) path and of the exact fp32 twin (``COMPRESS_KERNELS=torch``). Gr
 64 generated tokens of 5 corpus prompts, native vs twin; where they part, the twin's logit gap
 between the two tokens.
 
-Usage: python benchmarks/serving.py [--only NAME,...] [--sections build,bench,quality,greedy] [--work DIR] [--reuse]
+``ceiling``: the native ops alone on the head-sized matrix at M = 1 (bytes / time vs the copy).
+
+Usage: python benchmarks/serving.py [--only NAME,...] [--sections build,bench,quality,greedy,ceiling] [--work DIR] [--reuse]
 """
 
 from __future__ import annotations
@@ -160,10 +162,43 @@ def greedy(name: str, work: Path) -> dict:
             "tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS}
 
 
+def op_ceiling(repeats: int = 50) -> dict:
+    """The bandwidth torch's native int4/int8 ops reach alone at M = 1 on the largest SmolLM2
+    matrix (the 49152 × 576 head; random codes), against the copy bandwidth: the ceiling a
+    decode made of these ops can approach."""
+    import time
+
+    from compress.algos.quant import QuantSpec, rtn_quantize
+    from compress.bench import copy_bandwidth
+    from compress.modules.quant_linear import QuantLinear
+
+    w = torch.randn(49152, 576, generator=torch.Generator().manual_seed(0)) * 0.02
+    x = torch.randn(1, 576)
+    out: dict = {"copy_bandwidth_Bps": copy_bandwidth(torch.device("cpu")), "shape": [49152, 576],
+                 "threads": torch.get_num_threads()}
+    cases = {"int4_g64": QuantSpec(4, 64, True), "int8_channel": QuantSpec(8, None, True)}
+    dense = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    for name, spec in cases.items():
+        m = QuantLinear.from_quantized(rtn_quantize(w, spec), None)
+        nw = m._native(x)
+        assert nw is not None
+        nbytes = nw.packed.numel() * nw.packed.element_size() + nw.table.numel() * nw.table.element_size()
+        for label, fn, size in ((name, lambda m=m: m(x), nbytes), ("fp32_dense", dense, w.numel() * 4)):
+            with torch.no_grad():
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                dt = (time.perf_counter() - t0) / repeats
+            out[label] = {"ms": 1000 * dt, "bytes": size, "Bps": size / dt,
+                          "share_of_copy": size / dt / out["copy_bandwidth_Bps"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(MODELS)}")
-    ap.add_argument("--sections", default="build,bench,quality,greedy")
+    ap.add_argument("--sections", default="build,bench,quality,greedy,ceiling")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep models already built in --work")
     a = ap.parse_args()
@@ -188,6 +223,9 @@ def main() -> None:
             row["greedy"] = greedy(name, work)
         print(name, json.dumps(row, default=str)[:2000], flush=True)
         merge_save("serving", {**res, "rows": {name: row}}, nested={"rows": None, "commands": None})
+    if "ceiling" in sections:
+        res["op_ceiling"] = op_ceiling()
+        print("op_ceiling", res["op_ceiling"], flush=True)
     print(merge_save("serving", {**res, "commands": {"all": command}}, nested={"rows": None, "commands": None}))
 
 
