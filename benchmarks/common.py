@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -9,12 +10,28 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # the converted smollm2-135m asset: fp32 tensors, but every linear was Q4_1 in the GGUF it comes from
 SMOLLM2_LABEL = "SmolLM2-135M-Instruct (fp32, dequantized from the Q4_1 GGUF)"
+
+
+@contextlib.contextmanager
+def kernels(mode: str | None) -> Iterator[None]:
+    """``COMPRESS_KERNELS`` set to ``mode`` inside (None: the default dispatch, which on CPU takes
+    torch's native int4/int8 ops with bf16 activations; ``torch``: the exact fp32 twin)."""
+    old = os.environ.pop("COMPRESS_KERNELS", None)
+    if mode is not None:
+        os.environ["COMPRESS_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("COMPRESS_KERNELS", None)
+        if old is not None:
+            os.environ["COMPRESS_KERNELS"] = old
 
 
 def machine() -> dict:

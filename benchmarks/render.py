@@ -502,6 +502,12 @@ def serving() -> str:
                      for p in g["prompts"]]
             lines.append(f"- greedy, {SERVING_LABELS[k]}: native = twin on {g['identical']} of {g['of']} prompts "
                          f"({g['tokens']} tokens after {g['prompt_tokens']}): " + "; ".join(parts))
+    c = d.get("op_ceiling")
+    if c:
+        ops = "; ".join(f"{k.replace('_', ' ')} {c[k]['ms']:.2f} ms = {c[k]['Bps'] / 1e9:.1f} GB/s "
+                        f"({100 * c[k]['share_of_copy']:.0f} % of copy)" for k in ("int4_g64", "int8_channel", "fp32_dense"))
+        lines.append(f"- the ops alone at M = 1 on the {c['shape'][0]} × {c['shape'][1]} head matrix "
+                     f"(copy {c['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, {c['threads']} threads): {ops}")
     m = d["machine"]
     lines += ["", f"{d['protocol']} (PPL), {d['model']}; `{d['commands'].get('all', '')}`; {m['date']}, {m['cpu']}, "
                   f"{m['cores']} cores. GPU: not measured (no device lent)."]

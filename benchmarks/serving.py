@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, not benc
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, SMOLLM2_LABEL, compress_cmd, machine, measured, merge_save  # noqa: E402
+from benchmarks.common import RESULTS, SMOLLM2_LABEL, compress_cmd, kernels, machine, measured, merge_save  # noqa: E402
 from compress.assets import cache_dir, materialize  # noqa: E402
 
 PROTOCOL = "brown-512"
@@ -93,31 +92,13 @@ def bench(name: str, dense: Path, work: Path) -> dict:
             "threads": c["threads"], "repeats": rep["repeats"], "machine": rep["machine"]}
 
 
-def _with_kernels(mode: str | None):  # noqa: ANN202
-    """Context: ``COMPRESS_KERNELS`` set to ``mode`` (None: the default) inside."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():  # noqa: ANN202
-        old = os.environ.pop("COMPRESS_KERNELS", None)
-        if mode is not None:
-            os.environ["COMPRESS_KERNELS"] = mode
-        try:
-            yield
-        finally:
-            os.environ.pop("COMPRESS_KERNELS", None)
-            if old is not None:
-                os.environ["COMPRESS_KERNELS"] = old
-    return ctx()
-
-
 def quality(name: str, dense: Path, work: Path) -> dict:
     """brown-512 PPL / KL / top-1 of the served (native) path and of the exact twin."""
     from compress.eval import evaluate
 
     out = {}
     for label, mode in (("native", None), ("twin", "torch")):
-        with _with_kernels(mode):
+        with kernels(mode):
             r = evaluate(work / name, dense, protocol=PROTOCOL)
         out[label] = {"ppl": r.ppl, "dense_ppl": r.dense_ppl, "kl": r.kl_mean, "top1": r.top1_agreement,
                       "bytes_on_disk": r.bytes_on_disk}
@@ -149,7 +130,7 @@ def greedy(name: str, work: Path) -> dict:
 
     runs = {}
     for label, mode in (("native", None), ("twin", "torch")):
-        with _with_kernels(mode):
+        with kernels(mode):
             model = load(work / name)
             runs[label] = [_greedy(model, p) for p in _prompts(work / name)]
     prompts = []

@@ -33,6 +33,16 @@ def _no_leaked_files():
     assert not leaked, f"test left files in the repo root: {sorted(leaked)}"
 
 
+@pytest.fixture(autouse=True)
+def _exact_kernels_unless_native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests compare against fp32 references at fp32 tolerance, so they run the exact torch twin
+    (``COMPRESS_KERNELS=torch``) unless marked ``native_kernels``: those exercise the default CPU
+    path (torch's native int4/int8 ops, bf16 activations) and check it against the twin at bf16
+    tolerance. A ``COMPRESS_KERNELS`` set by the caller is left alone."""
+    if request.node.get_closest_marker("native_kernels") is None and "COMPRESS_KERNELS" not in os.environ:
+        monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+
+
 def brown_lines(n: int = 3000) -> list[str]:
     from compress.calib.corpus import load_corpus
 

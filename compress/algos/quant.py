@@ -81,15 +81,20 @@ def _minmax_grid(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> Grid:
     return Grid(scale, zero)
 
 
+MSE_COARSE_STEP = 4
+"""Default stride of the coarse MSE pass (1: the exhaustive search of GPTQ's reference, which
+checkpoints written before issue 18 used)."""
+
+
 def find_grid(w: Tensor, spec: QuantSpec, grid_points: int = 100, max_shrink: float = 0.8,
-              coarse_step: int = 4) -> Grid:
+              coarse_step: int | None = None) -> Grid:
     """Grid for every row of ``w`` ([rows, cols]) from its min/max (optionally MSE-shrunk).
 
     With ``spec.mse`` each row's clipping range is shrunk by the factor ``p = 1 − i/grid_points``
     (``i < max_shrink · grid_points``) that minimises the L2.4 error of the row, as GPTQ's
     reference does. The search is coarse to fine: every ``coarse_step``-th factor first, then the
-    factors within ``coarse_step − 1`` of each row's best; ``coarse_step=1`` is the exhaustive
-    search. The error evaluation (one ``pow`` per element and candidate) is what costs, so this
+    factors within ``coarse_step − 1`` of each row's best (default :data:`MSE_COARSE_STEP`);
+    ``coarse_step=1`` is the exhaustive search. The error evaluation (one ``pow`` per element and candidate) is what costs, so this
     evaluates about ``n / coarse_step + 2 · (coarse_step − 1)`` candidates instead of ``n``.
     """
     w = w.float()
@@ -98,7 +103,7 @@ def find_grid(w: Tensor, spec: QuantSpec, grid_points: int = 100, max_shrink: fl
     if not spec.mse:
         return grid
     n = int(max_shrink * grid_points)
-    step = max(1, min(coarse_step, n))
+    step = max(1, min(MSE_COARSE_STEP if coarse_step is None else coarse_step, n))
     buf = torch.empty_like(w)
     best = torch.full_like(xmin, float("inf"))
     best_i = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)

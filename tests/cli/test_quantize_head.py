@@ -20,6 +20,8 @@ from safetensors import safe_open
 import compress
 from tests.conftest import SMOKE, error_lines, make_bert, make_llama, run_cli
 
+pytestmark = pytest.mark.native_kernels  # the default CPU path, checked against the twin
+
 CAL = {"protocol": "brown-128-smoke", "batch_size": 4}
 
 

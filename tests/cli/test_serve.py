@@ -12,6 +12,8 @@ import torch
 from tests.conftest import error_lines, run_cli
 
 
+pytestmark = pytest.mark.native_kernels  # the default CPU path, checked against the twin
+
 @pytest.fixture(scope="module")
 def tiny_w4(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RTN W4 g32 asymmetric (zero points exercised) of the tiny LLaMA."""

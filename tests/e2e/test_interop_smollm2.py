@@ -41,6 +41,18 @@ def test_gptq_w4_g64_sym_loads_in_transformers(smollm2_w4: Path) -> None:
     _assert_same_logits(smollm2_w4)
 
 
+@pytest.mark.native_kernels
+def test_the_default_cpu_path_agrees_with_transformers_to_bf16(smollm2_w4: Path) -> None:
+    """compress.load serves through torch's native int4 ops with bf16 activations by default: the
+    logits stay within bf16 rounding of transformers' fp32 dequantised model, and the greedy token
+    agrees at nearly every position."""
+    theirs, ours = _logits_pair(smollm2_w4)
+    rel = float((theirs - ours).norm() / ours.norm())
+    assert rel <= 2e-2, rel
+    agree = float((theirs.argmax(-1) == ours.argmax(-1)).float().mean())
+    assert agree >= 0.9, agree
+
+
 @pytest.mark.parametrize(("args", "group"), [
     (["--bits", "4"], 64),                       # the default group size: auto → 64 on SmolLM2
     (["--bits", "3", "--group-size", "64"], 64),

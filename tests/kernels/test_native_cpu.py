@@ -11,6 +11,8 @@ from compress.algos.quant import QuantSpec, rtn_quantize
 from compress.kernels import native_cpu
 from compress.modules import QuantLinear
 
+pytestmark = pytest.mark.native_kernels  # the default CPU path, checked against the twin
+
 # (out, in, bits, group size, symmetric): SmolLM2-like widths, odd row counts, both zero conventions
 CASES = [(48, 576, 4, 64, True), (32, 256, 4, 128, False), (16, 128, 4, 32, True), (48, 512, 4, 256, False),
          (24, 96, 8, None, True)]
