@@ -507,9 +507,11 @@ def serving() -> str:
         ops = "; ".join(f"{k.replace('_', ' ')} {c[k]['ms']:.2f} ms = {c[k]['Bps'] / 1e9:.1f} GB/s "
                         f"({100 * c[k]['share_of_copy']:.0f} % of copy)" for k in ("int4_g64", "int8_channel", "fp32_dense"))
         lines.append(f"- the ops alone at M = 1 on the {c['shape'][0]} × {c['shape'][1]} head matrix "
-                     f"(copy {c['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, {c['threads']} threads): {ops}")
+                     f"(copy {c['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, {c['threads']} threads, each call reading another "
+                     f"copy of the matrix out of {c.get('span_bytes', 0) / 1e6:.0f} MB, so not from cache): {ops}")
     m = d["machine"]
-    lines += ["", f"{d['protocol']} (PPL), {d['model']}; `{d['commands'].get('all', '')}`; {m['date']}, {m['cpu']}, "
+    cmds = "; ".join(f"`{c}`" for c in d["commands"].values())
+    lines += ["", f"{d['protocol']} (PPL), {d['model']}; {cmds}; {m['date']}, {m['cpu']}, "
                   f"{m['cores']} cores. GPU: not measured (no device lent)."]
     return "\n".join(lines)
 

@@ -78,14 +78,22 @@ def load(path: str | Path, *, device: str | torch.device | None = None,
 
 def prepare_native(model: nn.Module) -> int:
     """Convert every quantised linear that torch's native CPU ops serve to their layout now, at
-    load, so no forward pays for it (cached on the module, never stored). Returns how many."""
+    load, so no forward pays for it (cached on the module, never stored); sibling linears that
+    read one input share one stacked layout and one call. Returns how many linears."""
+    from compress._memory import trim
+    from compress.kernels.native_cpu import enabled
+    from compress.modules.native_siblings import fuse_siblings
     from compress.modules.quant_linear import QuantLinear
 
+    adapter = getattr(model, "compress_adapter", None)
+    if adapter is not None and enabled(torch.zeros(1)):
+        fuse_siblings(model, adapter)  # q/k/v and gate/up: one native call each (before the per-module layouts)
     done = 0
     for m in model.modules():
         if isinstance(m, QuantLinear) and not m.weight_packed.is_meta:
             probe = torch.zeros(1, 1, device=m.weight_packed.device)  # the layout depends on the mode only
             done += m._native(probe) is not None
+    trim()  # the conversions' temporaries (~0.5 GB on SmolLM2 W4) go back to the OS, not to the heap
     return done
 
 

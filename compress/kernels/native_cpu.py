@@ -84,20 +84,39 @@ def prepare(weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tens
     """Convert a ``pack-quantized`` weight to its native layout (once; see :func:`unsupported`)."""
     n = weight_packed.shape[0]
     codes = unpack_int32(weight_packed, bits, in_features)  # [N, K] signed int8
+    zero = None if weight_zero_point is None else unpack_int32(weight_zero_point, bits, n, dim=0)  # [N, G]
+    nw = from_codes(codes, weight_scale, zero, bits=bits, group_size=group_size)
     if bits == 8:
-        return NativeWeight("int8", codes.contiguous(), weight_scale[:, 0].to(torch.bfloat16).contiguous(),
-                            in_features, n, in_features, weight_scale=weight_scale)
+        return nw
+    return NativeWeight("int4", nw.packed, nw.table, group_size, n, in_features, weight_packed, weight_scale,
+                        weight_zero_point)
+
+
+def from_codes(codes: Tensor, scale: Tensor, zero: Tensor | None, *, bits: int, group_size: int) -> NativeWeight:
+    """The native layout of signed ``codes`` ``[N, K]`` with ``scale`` ``[N, G]`` (``[N, 1]`` for
+    int8) and signed zero points ``[N, G]`` (None: symmetric). int4 keeps no stored-stream refs,
+    so it has no decoded-bf16 path of its own (see :func:`stored`)."""
+    n, k = codes.shape
+    if bits == 8:
+        return NativeWeight("int8", codes.to(torch.int8).contiguous(), scale[:, 0].to(torch.bfloat16).contiguous(),
+                            k, n, k, weight_scale=scale)
     unsigned = (codes.to(torch.int32) + 8).contiguous()  # [N, K] in [0, 15]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
-    scale = weight_scale.float()  # [N, G]
-    if weight_zero_point is None:
-        offset = torch.zeros_like(scale)
-    else:
-        zero = unpack_int32(weight_zero_point, bits, n, dim=0).float()  # [N, G] signed
-        offset = -scale * zero
-    table = torch.stack([scale.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
-    return NativeWeight("int4", packed, table, group_size, n, in_features, weight_packed, weight_scale,
-                        weight_zero_point)
+    fscale = scale.float()  # [N, G]
+    offset = torch.zeros_like(fscale) if zero is None else -fscale * zero.float()
+    table = torch.stack([fscale.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+    return NativeWeight("int4", packed, table, group_size, n, k)
+
+
+def stored(weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None, *, group_size: int,
+           in_features: int) -> NativeWeight | None:
+    """An int4 weight for the decoded-bf16 path only (no converted layout: views of the stored
+    tensors), or None where that path cannot read the stream (a big-endian host)."""
+    if not _LITTLE:
+        return None
+    empty = weight_packed.new_empty(0)
+    return NativeWeight("int4", empty, empty, group_size, weight_packed.shape[0], in_features, weight_packed,
+                        weight_scale, weight_zero_point)
 
 
 DENSE_MIN_M = 64
@@ -120,6 +139,11 @@ def native_linear(x: Tensor, w: NativeWeight, bias: Tensor | None) -> Tensor:
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def rows_of(x: Tensor, in_features: int) -> int:
+    """Rows of ``x`` as a ``[M, in_features]`` matrix."""
+    return x.numel() // in_features
 
 
 def dense_bf16(w: NativeWeight) -> Tensor:

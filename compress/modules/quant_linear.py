@@ -110,6 +110,9 @@ class QuantLinear(DecodedWeightCache, nn.Module):
             return None
         if native_cpu.unsupported(self.bits, self.group_size, self.in_features, self.out_features, self.symmetric) is not None:
             return None
+        siblings = self.__dict__.get("_siblings")
+        if siblings is not None:
+            return siblings[0].weight  # the stacked layout of the group (compress.modules.native_siblings)
         nw = getattr(self, "_native_weight", None)
         if nw is None or nw.packed.device != self.weight_packed.device:
             nw = native_cpu.prepare(self.weight_packed, self.weight_scale, self.weight_zero_point, bits=self.bits,
@@ -123,6 +126,9 @@ class QuantLinear(DecodedWeightCache, nn.Module):
             return cached
         nw = self._native(x)
         if nw is not None:
+            siblings = self.__dict__.get("_siblings")
+            if siblings is not None:
+                return siblings[0].forward(siblings[1], x, self.bias)
             return native_cpu.native_linear(x, nw, self.bias)
         return quant_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             bits=self.bits, group_size=self.group_size,
@@ -147,7 +153,9 @@ class QuantLinear(DecodedWeightCache, nn.Module):
             return "dense cache"
         nw = self._native(x)
         if nw is not None:
-            return native_cpu.label(nw, x.reshape(-1, self.in_features).shape[0])
+            rows = native_cpu.rows_of(x, self.in_features)
+            siblings = self.__dict__.get("_siblings")
+            return siblings[0].label(rows) if siblings is not None else native_cpu.label(nw, rows)
         return path_label(x, self.out_features, self.in_features)
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:

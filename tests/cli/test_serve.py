@@ -46,7 +46,8 @@ def test_validate_passes(tiny_w4: Path, tmp_path: Path, monkeypatch: pytest.Monk
     assert "validation passed" in err and "by kind" in out and "FAIL" not in out
     rep = json.loads(js.read_text())
     paths = {c["path"] for c in rep["checks"]}
-    assert paths == {"native int4 (aten._weight_int4pack_mm_for_cpu, bf16 activations)",  # M = 1, 5
+    op = "native int4 (aten._weight_int4pack_mm_for_cpu, bf16 activations"
+    assert paths == {f"{op})", f"{op}, q_proj/k_proj/v_proj fused)", f"{op}, gate_proj/up_proj fused)",  # M = 1, 5
                      "native int4 (decoded to bf16 per call + bf16 GEMM, ≥ 64 rows)"}, paths  # M = 300
     assert rep["ok"] and len(rep["checks"]) == 21 * 3 * 2  # modules × M × (fp32, bf16)
     assert {c["kind"] for c in rep["checks"]} == {"quant"}
