@@ -474,8 +474,8 @@ def serving() -> str:
     d = json.loads((RESULTS / "serving.json").read_text())
     rows = [(k, d["rows"][k]) for k in SERVING_LABELS if k in d["rows"]]
     lines = ["| model | decode tok/s | dense tok/s | speed-up (target) | prefill 512 vs dense | MB / token | "
-             "bandwidth (share of copy) | PPL served | PPL twin | dense PPL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "bandwidth (share of copy) | resident after load vs dense | PPL served | PPL twin | dense PPL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in rows:
         b, q = r["bench"], r.get("quality", {})
         target = "" if b.get("target") is None else f" (≥ {b['target']}×)"
@@ -484,7 +484,8 @@ def serving() -> str:
                      f"**{b['decode_speedup']:.2f}×**{target} | {b['prefill512_ratio']:.2f}× "
                      f"({1000 * b['prefill512_s']:.0f} vs {1000 * b['dense_prefill512_s']:.0f} ms) | "
                      f"{b['bytes_per_token'] / 1e6:.1f} | {b['achieved_Bps'] / 1e9:.2f} GB/s "
-                     f"({100 * b['bandwidth_share']:.0f} %) | {nat.get('ppl', float('nan')):.2f} | "
+                     f"({100 * b['bandwidth_share']:.0f} %) | {_gb(b['loaded_bytes'])} vs {_gb(b['dense_loaded_bytes'])} | "
+                     f"{nat.get('ppl', float('nan')):.2f} | "
                      f"{twin.get('ppl', float('nan')):.2f} | {nat.get('dense_ppl', float('nan')):.2f} |")
     first = rows[0][1]["bench"] if rows else None
     if first:

@@ -89,6 +89,8 @@ def bench(name: str, dense: Path, work: Path) -> dict:
             "bytes_per_token": c["bytes_per_step"], "dense_bytes_per_token": d["bytes_per_step"],
             "achieved_Bps": achieved, "copy_bandwidth_Bps": bw, "bandwidth_share": achieved / bw,
             "dense_bandwidth_share": d["bytes_per_step"] / d["latency_s"] / bw,
+            "loaded_bytes": c["loaded_bytes"], "dense_loaded_bytes": d["loaded_bytes"],
+            "decode_peak_bytes": c["peak_bytes"], "dense_decode_peak_bytes": d["peak_bytes"],
             "threads": c["threads"], "repeats": rep["repeats"], "machine": rep["machine"]}
 
 
