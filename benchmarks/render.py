@@ -503,11 +503,28 @@ def serving() -> str:
                      for p in g["prompts"]]
             lines.append(f"- greedy, {SERVING_LABELS[k]}: native = twin on {g['identical']} of {g['of']} prompts "
                          f"({g['tokens']} tokens after {g['prompt_tokens']}): " + "; ".join(parts))
+    lines += ["", "Targets of issue 18 (computed from the JSON):"]
+    for k, r in rows:
+        b = r["bench"]
+        if b.get("target") is not None:
+            ok = "met" if b["decode_speedup"] >= b["target"] else "**not met**"
+            lines.append(f"- decode, {SERVING_LABELS[k]}: {b['decode_speedup']:.2f}× dense, target ≥ {b['target']}× — {ok}")
+    worst = max(r["bench"]["prefill512_ratio"] for _, r in rows)
+    lines.append(f"- prefill 512 ≤ 1.0× dense's time: worst row {worst:.2f}× — {'met' if worst <= 1.0 else '**not met**'}")
+    if "gptq-w4g64" in d["rows"]:
+        share = d["rows"]["gptq-w4g64"]["bench"]["bandwidth_share"]
+        lines.append(f"- W4 decode bandwidth ≥ 50 % of copy: {100 * share:.0f} % — {'met' if share >= 0.5 else '**not met**'}")
+    for k, r in rows:
+        g = r.get("greedy")
+        if g:
+            ties = all(p["identical"] or p["tie_within_1e-4"] for p in g["prompts"])
+            lines.append(f"- greedy native = twin (or ties within 1e-4), {SERVING_LABELS[k]}: "
+                         f"{'met' if ties else '**not met**'}")
     c = d.get("op_ceiling")
     if c:
         ops = "; ".join(f"{k.replace('_', ' ')} {c[k]['ms']:.2f} ms = {c[k]['Bps'] / 1e9:.1f} GB/s "
                         f"({100 * c[k]['share_of_copy']:.0f} % of copy)" for k in ("int4_g64", "int8_channel", "fp32_dense"))
-        lines.append(f"- the ops alone at M = 1 on the {c['shape'][0]} × {c['shape'][1]} head matrix "
+        lines.append(f"\nOp ceiling — the ops alone at M = 1 on the {c['shape'][0]} × {c['shape'][1]} head matrix "
                      f"(copy {c['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, {c['threads']} threads, each call reading another "
                      f"copy of the matrix out of {c.get('span_bytes', 0) / 1e6:.0f} MB, so not from cache): {ops}")
     m = d["machine"]
