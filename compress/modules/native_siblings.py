@@ -34,13 +34,9 @@ class NativeSiblings:
         self._rows = [native_cpu.stored(m.weight_packed, m.weight_scale, m.weight_zero_point,
                                         group_size=m.group_size, in_features=m.in_features)
                       if self.weight.kind == "int4" else None for m in members]
-        self._clear()
-
-    def _clear(self) -> None:
-        self._x: Tensor | None = None
-        self._version: int | None = None
-        self._outs: list[Tensor] = []
-        self._pending: set[int] = set()
+        # (input, its version, every member's output, members yet to take theirs): one tuple,
+        # replaced whole, so a reader never pairs one call's input with another's outputs
+        self._held: tuple[Tensor, int | None, list[Tensor], frozenset[int]] | None = None
 
     def forward(self, i: int, x: Tensor, bias: Tensor | None) -> Tensor:
         """Member ``i``'s output for ``x`` (its own ``bias``, for the per-member rows path)."""
@@ -48,17 +44,15 @@ class NativeSiblings:
         if rows >= native_cpu.DENSE_MIN_M and self._rows[i] is not None:
             return native_cpu.native_linear(x, self._rows[i], bias)
         version = None if x.is_inference() else x._version
-        if self._x is x and self._version == version and i in self._pending:
-            self._pending.discard(i)
-            out = self._outs[i]
-            if not self._pending:
-                self._clear()
-            return out
+        held = self._held
+        if held is not None and held[0] is x and held[1] == version and i in held[3]:
+            left = held[3] - {i}
+            self._held = (x, version, held[2], left) if left else None
+            return held[2][i]
         y = native_cpu.native_linear(x, self.weight, self.bias)  # [..., Σ out]
-        self._x, self._version = x, version
-        self._outs = [part.contiguous() for part in y.split(self.sizes, dim=-1)]
-        self._pending = set(range(len(self.sizes))) - {i}
-        return self._outs[i]
+        outs = [part.contiguous() for part in y.split(self.sizes, dim=-1)]
+        self._held = (x, version, outs, frozenset(range(len(outs))) - {i})
+        return outs[i]
 
     def label(self, rows: int) -> str:
         base = native_cpu.label(self.weight, rows)
