@@ -19,9 +19,9 @@ the module (not stored); other widths and layouts stay on the torch twin.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ INT4_GROUPS = (32, 64, 128, 256)
 _LITTLE = sys.byteorder == "little"  # the int4 stream read as bytes
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class NativeWeight:
     """A weight in one native op's layout: ``kind`` int4 (``packed`` from the converter, ``table``
     ``[G, N, 2]`` bf16) or int8 (``packed`` the int8 codes ``[N, K]``, ``table`` the scales ``[N]``)."""
@@ -88,8 +88,8 @@ def prepare(weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tens
     nw = from_codes(codes, weight_scale, zero, bits=bits, group_size=group_size)
     if bits == 8:
         return nw
-    return NativeWeight("int4", nw.packed, nw.table, group_size, n, in_features, weight_packed, weight_scale,
-                        weight_zero_point)
+    return dataclasses.replace(nw, weight_packed=weight_packed, weight_scale=weight_scale,
+                               weight_zero_point=weight_zero_point)  # the stored stream: the decoded-bf16 path
 
 
 def from_codes(codes: Tensor, scale: Tensor, zero: Tensor | None, *, bits: int, group_size: int) -> NativeWeight:

@@ -29,8 +29,9 @@ class NativeSiblings:
         self.names = names
         self.sizes = [m.out_features for m in members]
         self.weight = _stacked(members)
-        biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in members]
-        self.bias = None if all(m.bias is None for m in members) else torch.cat([b.float() for b in biases])
+        self.bias = None
+        if any(m.bias is not None for m in members):  # e.g. Qwen2's q/k/v; zeros for a member without
+            self.bias = torch.cat([torch.zeros(m.out_features) if m.bias is None else m.bias.float() for m in members])
         self._rows = [native_cpu.stored(m.weight_packed, m.weight_scale, m.weight_zero_point,
                                         group_size=m.group_size, in_features=m.in_features)
                       if self.weight.kind == "int4" else None for m in members]
